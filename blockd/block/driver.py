@@ -1,0 +1,181 @@
+"""The driver interface (QEMU's struct BlockDriver) and the registry of drivers by name.
+
+A driver holds the per-node state of one format or protocol and implements the byte-level
+operations. The generic request path in :class:`blockd.block.node.BlockNode` does the checks,
+alignment, serialisation, dirty tracking and copy-before-write hooks around it, so a driver never
+has to.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from blockd.block.perm import ChildRole, Perm
+from blockd.block.status import BlockStatus, Extent
+from blockd.errors import QmpError
+
+if TYPE_CHECKING:
+    from blockd.block.graph import BlockGraph
+    from blockd.block.node import BdrvChild, BlockNode
+
+MiB = 1024 * 1024
+
+
+class WriteFlags(enum.IntFlag):
+    NONE = 0
+    FUA = 0x1
+    MAY_UNMAP = 0x2  # write-zeroes may deallocate
+    NO_FALLBACK = 0x4  # fast zero: fail with ENOTSUP rather than write real zeroes
+
+
+@dataclass(slots=True)
+class BlockLimits:
+    request_alignment: int = 1
+    max_transfer: int = 0  # 0: no limit
+    opt_transfer: int = 0
+    pwrite_zeroes_alignment: int = 0
+    pdiscard_alignment: int = 0
+    max_pwrite_zeroes: int = 0
+
+
+class BlockDriver:
+    """Base of every driver. Subclasses set the class attributes and override what they do.
+
+    **Runs in:** the event loop; blocking syscalls go through :func:`blockd.io.pool.run_blocking`.
+    **Concurrency:** the node may call the I/O methods concurrently for non-overlapping ranges;
+    overlapping writes arrive one after the other.
+    """
+
+    format_name: ClassVar[str] = ""
+    is_format: ClassVar[bool] = False
+    is_filter: ClassVar[bool] = False
+    supports_backing: ClassVar[bool] = False
+    #: Driver has create support for blockdev-create.
+    can_create: ClassVar[bool] = False
+
+    def __init__(self, node: BlockNode) -> None:
+        self.node = node
+        self.limits = BlockLimits()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def open(self, options: Any, graph: BlockGraph) -> None:
+        """Open from the validated options model; create children with ``graph.open_child``."""
+
+    async def close(self) -> None:
+        """Release resources; the node flushes before calling it."""
+
+    async def reopen(self, read_only: bool) -> None:
+        """Switch between read-only and read-write (snapshots, commit)."""
+
+    # -- I/O -------------------------------------------------------------------------------
+    def getlength(self) -> int:
+        raise NotImplementedError
+
+    async def preadv(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
+        raise OSError(errno.ENOTSUP, "read not supported")
+
+    async def pwritev(self, offset: int, data: memoryview, flags: WriteFlags) -> None:
+        raise OSError(errno.ENOTSUP, "write not supported")
+
+    async def pwrite_zeroes(self, offset: int, nbytes: int, flags: WriteFlags) -> None:
+        """Default: real zeroes through :meth:`pwritev` (refused for fast-zero requests)."""
+        if flags & WriteFlags.NO_FALLBACK:
+            raise OSError(errno.ENOTSUP, "fast zero not supported")
+        chunk = min(nbytes, MiB)
+        zero = memoryview(bytes(chunk))
+        pos = offset
+        end = offset + nbytes
+        while pos < end:
+            n = min(chunk, end - pos)
+            await self.pwritev(pos, zero[:n], flags & WriteFlags.FUA)
+            pos += n
+
+    async def pdiscard(self, offset: int, nbytes: int) -> None:
+        """Default: discard is advisory, doing nothing is correct."""
+
+    async def block_status(self, offset: int, nbytes: int) -> Extent:
+        """Allocation status of this node alone, starting at *offset* (may be shorter)."""
+        return Extent(
+            offset,
+            nbytes,
+            BlockStatus.DATA | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
+            map_node=self.node,
+            map_offset=offset,
+        )
+
+    async def flush(self) -> None:
+        for child in self.node.children.values():
+            await child.node.flush()
+
+    async def truncate(self, size: int, exact: bool, prealloc: str) -> None:
+        raise QmpError("Image format driver does not support resize")
+
+    # -- reporting -------------------------------------------------------------------------
+    def filename(self) -> str:
+        """The name QEMU shows in ``file``/``image.filename`` (a path, URI or json:{...})."""
+        return self.node.json_filename()
+
+    def image_info(self) -> dict[str, Any]:
+        """Extra ImageInfo members (cluster-size, format-specific, dirty-flag…)."""
+        return {}
+
+    def actual_size(self) -> int | None:
+        """Bytes allocated on the host, when the driver knows (file: st_blocks * 512)."""
+        return None
+
+    def has_zero_init(self) -> bool:
+        return False
+
+    def child_perm(self, role: ChildRole, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        """What this node needs on a child in *role*, given what its own parents need
+        (QEMU's bdrv_default_perms)."""
+        if role & ChildRole.FILTERED:
+            return perm, shared
+        if role & ChildRole.COW:
+            return (
+                perm & Perm.CONSISTENT_READ,
+                Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED,
+            )
+        need = perm & ~Perm.RESIZE
+        if perm & (Perm.WRITE | Perm.RESIZE):
+            # Format drivers rewrite metadata and grow files when written to.
+            need |= Perm.WRITE | Perm.RESIZE
+        if perm:
+            need |= Perm.CONSISTENT_READ
+        return need, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+
+    def on_child_replaced(self, child: BdrvChild) -> None:
+        """A child edge now points to another node (snapshot or pivot below us)."""
+
+
+_DRIVERS: dict[str, type[BlockDriver]] = {}
+
+
+def register_driver(cls: type[BlockDriver]) -> type[BlockDriver]:
+    _DRIVERS[cls.format_name] = cls
+    return cls
+
+
+def driver_class(name: str) -> type[BlockDriver] | None:
+    _load_builtin_drivers()
+    return _DRIVERS.get(name)
+
+
+_loaded = False
+
+
+def _load_builtin_drivers() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+    import pkgutil
+
+    import blockd.block.drivers as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{mod.name}")

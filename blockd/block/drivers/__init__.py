@@ -1,0 +1,1 @@
+"""Block drivers; every module here registers its driver class on import."""

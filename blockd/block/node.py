@@ -1,0 +1,494 @@
+"""A node of the block graph and its request path (QEMU's BlockDriverState and block/io.c).
+
+Every read and write of every user, be it an NBD client, a job or another node, passes
+through :class:`BlockNode`. That is where requests are bounds-checked, aligned, ordered
+against overlapping writes, offered to copy-before-write hooks and recorded in dirty bitmaps,
+so none of those rules can be bypassed by a driver or a caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from blockd.block.driver import BlockDriver, WriteFlags
+from blockd.block.perm import ChildRole, Perm
+from blockd.block.status import BlockStatus, Extent
+
+if TYPE_CHECKING:
+    from blockd.block.graph import BlockGraph
+
+log = logging.getLogger(__name__)
+
+_ZERO = bytes(1024 * 1024)
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """True when *data* holds only zero bytes (compared in 1 MiB slices, in C)."""
+    mv = memoryview(data).cast("B")
+    for pos in range(0, len(mv), len(_ZERO)):
+        part = mv[pos : pos + len(_ZERO)]
+        if part != _ZERO[: len(part)]:
+            return False
+    return True
+
+
+class DirtyTracker(Protocol):
+    """What the request path needs of a dirty bitmap."""
+
+    def is_recording(self) -> bool: ...
+
+    def set_range(self, offset: int, nbytes: int) -> None: ...
+
+
+#: A hook run before a write reaches the driver: ``await hook(node, offset, nbytes)``.
+#: Copy-before-write uses it to save old data first. Raising fails the write.
+WriteHook = Callable[["BlockNode", int, int], Awaitable[None]]
+
+
+class Parent(Protocol):
+    """Anything that can hold a child edge: a node or a :class:`BlockUser`."""
+
+    def parent_label(self) -> str: ...
+
+
+@dataclass(eq=False)
+class BdrvChild:
+    """An edge from a parent to *node* (QEMU's BdrvChild)."""
+
+    name: str
+    role: ChildRole
+    parent: Parent
+    node: BlockNode
+    perm: Perm = Perm.CONSISTENT_READ
+    shared: Perm = field(default_factory=Perm.all)
+
+
+class BlockUser:
+    """A parent that is not a node: an export, a job, a monitor reference (QEMU BlockBackend).
+
+    *label* is what ``Node 'x' is busy: …`` messages and permission conflicts name.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.edges: list[BdrvChild] = []
+
+    def parent_label(self) -> str:
+        return self.label
+
+    def attach(self, node: BlockNode, perm: Perm, shared: Perm, name: str = "root") -> BdrvChild:
+        edge = BdrvChild(name, ChildRole.DATA, self, node, perm, shared)
+        node.check_perm_conflict(edge)
+        node.parents.append(edge)
+        try:
+            node.perms_changed()
+        except BaseException:
+            node.parents.remove(edge)
+            raise
+        self.edges.append(edge)
+        return edge
+
+    async def detach_all(self) -> None:
+        for edge in list(self.edges):
+            await self.detach(edge)
+
+    async def detach(self, edge: BdrvChild) -> None:
+        if edge in self.edges:
+            self.edges.remove(edge)
+        node = edge.node
+        if edge in node.parents:
+            node.parents.remove(edge)
+            node.perms_changed()
+            await node.graph.maybe_free(node)
+
+
+@dataclass(eq=False)
+class _Req:
+    start: int
+    end: int
+    write: bool
+    serialising: bool
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class BlockNode:
+    """One node: generic state and the request path around its driver."""
+
+    def __init__(self, graph: BlockGraph, node_name: str, driver_cls: type[BlockDriver]) -> None:
+        self.graph = graph
+        self.node_name = node_name
+        self.driver: BlockDriver = driver_cls(self)
+        self.children: dict[str, BdrvChild] = {}
+        self.parents: list[BdrvChild] = []
+        self.monitor_owned = False
+        self.implicit = False
+        self.read_only = False
+        self.auto_read_only = False
+        self.force_share = False
+        self.detect_zeroes = "off"
+        self.discard_mode = "ignore"
+        self.cache_direct = False
+        self.cache_no_flush = False
+        #: The options as given (wire form) for json:{...} filenames.
+        self.options: dict[str, Any] = {}
+        self.dirty_bitmaps: list[Any] = []
+        self.before_write_hooks: list[WriteHook] = []
+        #: Op blockers: owner -> reason ("block device is in use by block job: backup").
+        self.blockers: dict[object, str] = {}
+        self._reqs: list[_Req] = []
+        self.closed = False
+        self.write_threshold = 0
+
+    # -- naming and structure ------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<BlockNode {self.node_name} {self.driver.format_name}>"
+
+    def parent_label(self) -> str:
+        return f"node '{self.node_name}'"
+
+    @property
+    def drv(self) -> str:
+        return self.driver.format_name
+
+    @property
+    def file(self) -> BlockNode | None:
+        c = self.children.get("file") or self.children.get("image")
+        return c.node if c else None
+
+    @property
+    def backing(self) -> BlockNode | None:
+        c = self.children.get("backing")
+        return c.node if c else None
+
+    def filtered_child(self) -> BlockNode | None:
+        """The node whose data this one shows unchanged (filters), if any."""
+        if self.driver.is_filter:
+            for c in self.children.values():
+                if c.role & ChildRole.FILTERED:
+                    return c.node
+        return None
+
+    def backing_chain(self) -> list[BlockNode]:
+        """This node and its backing nodes, top first."""
+        chain: list[BlockNode] = []
+        cur: BlockNode | None = self
+        while cur is not None and cur not in chain:
+            chain.append(cur)
+            cur = cur.backing
+        return chain
+
+    def json_filename(self) -> str:
+        """QEMU's ``json:{...}`` pseudo filename built from the options."""
+        opts = {k: v for k, v in self.options.items() if k != "node-name"}
+        return "json:" + json.dumps(opts, separators=(", ", ": "))
+
+    @property
+    def filename(self) -> str:
+        return self.driver.filename()
+
+    # -- permissions and blockers --------------------------------------------------------
+    def cumulative_perms(self, exclude: BdrvChild | None = None) -> tuple[Perm, Perm]:
+        perm = Perm(0)
+        shared = Perm.all()
+        for edge in self.parents:
+            if edge is exclude:
+                continue
+            perm |= edge.perm
+            shared &= edge.shared
+        return perm, shared
+
+    def check_perm_conflict(self, new: BdrvChild, exclude: BdrvChild | None = None) -> None:
+        from blockd.block.perm import perm_names
+        from blockd.errors import QmpError
+
+        if new.perm & (Perm.WRITE | Perm.RESIZE) and self.read_only and not self.auto_read_only:
+            raise QmpError("Block node is read-only")
+        for edge in self.parents:
+            if edge is exclude or edge is new:
+                continue
+            clash = new.perm & ~edge.shared
+            if clash:
+                raise QmpError(
+                    f"Conflicts with use by {edge.parent.parent_label()} as '{edge.name}', "
+                    f"which does not allow '{perm_names(clash)}' on {self.node_name}"
+                )
+            clash = edge.perm & ~new.shared
+            if clash:
+                raise QmpError(
+                    f"Conflicts with use by {edge.parent.parent_label()} as '{edge.name}', "
+                    f"which uses '{perm_names(clash)}' on {self.node_name}"
+                )
+
+    def perms_changed(self) -> None:
+        """Parents changed: recompute what this node needs of its children, down the graph,
+        and let drivers mirror it into host locks (file driver).
+
+        Like QEMU, a node that nobody uses holds no permissions, so a bare ``blockdev-add``
+        takes no lock; a writer (export, job, overlay) above it does.
+        """
+        perm, shared = self.cumulative_perms()
+        if self.read_only:
+            perm &= ~(Perm.WRITE | Perm.RESIZE)
+        for edge in self.children.values():
+            p, s = self.driver.child_perm(edge.role, perm, shared)
+            if self.read_only:
+                p &= ~(Perm.WRITE | Perm.RESIZE)
+            if (p, s) != (edge.perm, edge.shared):
+                edge.perm, edge.shared = p, s
+                edge.node.perms_changed()
+        hook = getattr(self.driver, "update_locks", None)
+        if hook is not None:
+            hook()
+
+    def busy_reason(self) -> str | None:
+        for reason in self.blockers.values():
+            return reason
+        return None
+
+    def check_not_busy(self) -> None:
+        from blockd.errors import QmpError
+
+        reason = self.busy_reason()
+        if reason:
+            raise QmpError(f"Node '{self.node_name}' is busy: {reason}")
+
+    # -- request tracking ----------------------------------------------------------------
+    async def _begin(self, start: int, end: int, write: bool, serialising: bool) -> _Req:
+        """Register a request, then wait for the overlapping ones it must follow.
+
+        Registration happens before the first await, so requests are ordered by arrival:
+        a write follows every earlier overlapping write, and a serialising request (RMW,
+        copy-before-write) excludes every overlapping request.
+        """
+        req = _Req(start, end, write, serialising)
+        earlier = [
+            r
+            for r in self._reqs
+            if r.start < end
+            and start < r.end
+            and (r.serialising or serialising or (write and r.write))
+        ]
+        self._reqs.append(req)
+        for r in earlier:
+            await r.done.wait()
+        return req
+
+    def _end(self, req: _Req) -> None:
+        self._reqs.remove(req)
+        req.done.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._reqs)
+
+    async def drain(self) -> None:
+        """Wait until every request that is in flight now has finished."""
+        while self._reqs:
+            await self._reqs[-1].done.wait()
+
+    # -- the request path ----------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return self.driver.getlength()
+
+    def _check(self, offset: int, nbytes: int) -> None:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.length:
+            raise OSError(errno.EIO, f"request beyond end of {self.node_name}")
+
+    def _check_write(self) -> None:
+        if self.read_only:
+            raise OSError(errno.EPERM, f"node {self.node_name} is read-only")
+
+    async def read(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
+        """Read *nbytes* at *offset*. **Raises** OSError with the driver's errno."""
+        self._check(offset, nbytes)
+        if nbytes == 0:
+            return b""
+        align = self.driver.limits.request_alignment
+        if align > 1 and (offset % align or nbytes % align):
+            a_start = offset - offset % align
+            a_end = min(-(-(offset + nbytes) // align) * align, max(self.length, offset + nbytes))
+            data = await self._read_aligned(a_start, a_end - a_start)
+            return memoryview(data)[offset - a_start : offset - a_start + nbytes]
+        return await self._read_aligned(offset, nbytes)
+
+    async def _read_aligned(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
+        req = await self._begin(offset, offset + nbytes, False, False)
+        try:
+            maxt = self.driver.limits.max_transfer
+            if not maxt or nbytes <= maxt:
+                return await self.driver.preadv(offset, nbytes)
+            out = bytearray(nbytes)
+            for pos in range(0, nbytes, maxt):
+                n = min(maxt, nbytes - pos)
+                out[pos : pos + n] = await self.driver.preadv(offset + pos, n)
+            return out
+        finally:
+            self._end(req)
+
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        """Write *data* at *offset* through hooks, the driver and the dirty bitmaps."""
+        mv = memoryview(data).cast("B")
+        nbytes = len(mv)
+        self._check_write()
+        self._check(offset, nbytes)
+        if nbytes == 0:
+            return
+        if self.detect_zeroes != "off" and is_zero(mv):
+            zflags = flags & WriteFlags.FUA
+            if self.detect_zeroes == "unmap" and self.discard_mode == "unmap":
+                zflags |= WriteFlags.MAY_UNMAP
+            await self.write_zeroes(offset, nbytes, zflags)
+            return
+        align = self.driver.limits.request_alignment
+        unaligned = align > 1 and (offset % align or nbytes % align)
+        req = await self._begin(offset, offset + nbytes, True, bool(unaligned))
+        try:
+            await self._run_hooks(offset, nbytes)
+            if unaligned:
+                await self._write_rmw(offset, mv, flags, align)
+            else:
+                maxt = self.driver.limits.max_transfer
+                if not maxt or nbytes <= maxt:
+                    await self.driver.pwritev(offset, mv, flags)
+                else:
+                    for pos in range(0, nbytes, maxt):
+                        await self.driver.pwritev(offset + pos, mv[pos : pos + maxt], flags)
+        finally:
+            self._mark_dirty(offset, nbytes)
+            self._end(req)
+
+    async def _write_rmw(self, offset: int, mv: memoryview, flags: WriteFlags, align: int) -> None:
+        a_start = offset - offset % align
+        a_end = -(-(offset + len(mv)) // align) * align
+        buf = bytearray(await self.driver.preadv(a_start, a_end - a_start))
+        buf[offset - a_start : offset - a_start + len(mv)] = mv
+        await self.driver.pwritev(a_start, memoryview(buf), flags)
+
+    async def write_zeroes(
+        self, offset: int, nbytes: int, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        self._check_write()
+        self._check(offset, nbytes)
+        if nbytes == 0:
+            return
+        if self.discard_mode != "unmap":
+            flags &= ~WriteFlags.MAY_UNMAP
+        req = await self._begin(offset, offset + nbytes, True, True)
+        try:
+            await self._run_hooks(offset, nbytes)
+            await self.driver.pwrite_zeroes(offset, nbytes, flags)
+        finally:
+            self._mark_dirty(offset, nbytes)
+            self._end(req)
+
+    async def discard(self, offset: int, nbytes: int) -> None:
+        self._check_write()
+        self._check(offset, nbytes)
+        if nbytes == 0 or self.discard_mode != "unmap":
+            return
+        req = await self._begin(offset, offset + nbytes, True, True)
+        try:
+            await self._run_hooks(offset, nbytes)
+            await self.driver.pdiscard(offset, nbytes)
+        finally:
+            self._mark_dirty(offset, nbytes)
+            self._end(req)
+
+    async def flush(self) -> None:
+        if self.cache_no_flush or self.closed:
+            return
+        await self.driver.flush()
+
+    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+        self._check_write()
+        old = self.length
+        await self.drain()
+        await self.driver.truncate(size, exact, prealloc)
+        if size > old:
+            self._mark_dirty(old, size - old)
+
+    async def _run_hooks(self, offset: int, nbytes: int) -> None:
+        for hook in list(self.before_write_hooks):
+            await hook(self, offset, nbytes)
+
+    def _mark_dirty(self, offset: int, nbytes: int) -> None:
+        for bm in self.dirty_bitmaps:
+            if bm.is_recording():
+                bm.set_range(offset, nbytes)
+
+    # -- allocation status ---------------------------------------------------------------
+    async def block_status(self, offset: int, nbytes: int) -> Extent:
+        """Status of this node alone from *offset* (the extent may be shorter than asked).
+
+        Unallocated ranges with nothing below read as zeroes, so ZERO is added for them, as
+        QEMU does.
+        """
+        length = self.length
+        if offset >= length:
+            return Extent(offset, 0, BlockStatus.EOF)
+        nbytes = min(nbytes, length - offset)
+        ext = await self.driver.block_status(offset, nbytes)
+        if ext.length <= 0 or ext.offset != offset:
+            raise OSError(errno.EIO, f"{self.drv}: bad block status at {offset}")
+        if ext.end > offset + nbytes:
+            ext.length = offset + nbytes - ext.offset
+        if not ext.flags & BlockStatus.ALLOCATED and not ext.flags & BlockStatus.ZERO:
+            back = self.backing
+            if back is None or offset >= back.length:
+                ext.flags |= BlockStatus.ZERO
+            elif offset + ext.length > back.length:
+                ext.length = back.length - offset
+        return ext
+
+    async def block_status_above(
+        self, offset: int, nbytes: int, base: BlockNode | None = None
+    ) -> Extent:
+        """Status of the chain from this node down to (not including) *base*.
+
+        ``ALLOCATED`` means some layer above *base* holds the range; ``depth`` tells which.
+        """
+        depth = 0
+        cur: BlockNode | None = self
+        want = nbytes
+        while cur is not None and cur is not base:
+            ext = await cur.block_status(offset, want)
+            if ext.flags & BlockStatus.EOF:
+                return Extent(offset, 0, BlockStatus.EOF)
+            if ext.flags & BlockStatus.ALLOCATED or cur.backing is None or cur.backing is base:
+                ext.depth = depth
+                return ext
+            if offset >= cur.backing.length:
+                ext.flags |= BlockStatus.ZERO
+                ext.depth = depth
+                return ext
+            want = ext.length
+            cur = cur.backing
+            depth += 1
+        return Extent(offset, want, BlockStatus(0), depth=depth)
+
+    async def is_allocated_above(
+        self, offset: int, nbytes: int, base: BlockNode | None
+    ) -> tuple[bool, int]:
+        ext = await self.block_status_above(offset, nbytes, base)
+        return bool(ext.flags & BlockStatus.ALLOCATED), max(ext.length, 0)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def close(self) -> None:
+        if self.closed:
+            return
+        await self.drain()
+        try:
+            if not self.read_only:
+                await self.flush()
+        finally:
+            self.closed = True
+            await self.driver.close()

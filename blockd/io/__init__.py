@@ -1,0 +1,1 @@
+"""Where blocking work runs: a thread pool for syscalls, rate limits for jobs."""

@@ -1,0 +1,115 @@
+"""The block-job layer on top of the job core (QEMU's blockjob.c): speed limit, error policy,
+io-status, the BLOCK_JOB_* events and the ``query-block-jobs`` view. Backup, mirror, stream and
+commit are block jobs; ``blockdev-create`` is not."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, ClassVar
+
+from blockd.errors import QmpError
+from blockd.io.ratelimit import RateLimit
+from blockd.job.core import Job
+from blockd.qapi.job import BlockdevOnError, JobVerb
+from blockd.qapi.job import JobStatus as S
+
+
+class BlockJob(Job):
+    is_block_job: ClassVar[bool] = True
+
+    def __init__(self, manager: Any, job_id: str, *, speed: int = 0, **kw: Any) -> None:
+        super().__init__(manager, job_id, **kw)
+        if speed < 0:
+            raise QmpError("Parameter 'speed' expects a non-negative value")
+        self.ratelimit = RateLimit(speed)
+        self.iostatus = "ok"
+        self.on_source_error = BlockdevOnError.REPORT
+        self.on_target_error = BlockdevOnError.REPORT
+
+    @property
+    def speed(self) -> int:
+        return self.ratelimit.speed
+
+    def set_speed(self, speed: int) -> None:
+        self.check_verb(JobVerb.SET_SPEED)
+        if speed < 0:
+            raise QmpError("Parameter 'speed' expects a non-negative value")
+        self.ratelimit.set_speed(speed)
+        self.enter()  # a throttled job re-computes its delay at once
+
+    async def throttle(self, nbytes: int) -> None:
+        """Account *nbytes* against the speed limit, sleeping (pausable) as needed."""
+        delay = self.ratelimit.delay_ns(nbytes)
+        if delay:
+            await self.sleep(delay / 1e9)
+        else:
+            await self.pause_point()
+
+    def on_user_resume(self) -> None:
+        self.iostatus = "ok"
+
+    def error_action(self, is_read: bool, err: int) -> str:
+        """Apply the job's on-*-error policy to a failed request (QEMU's
+        block_job_error_action): emit BLOCK_JOB_ERROR and return ignore/report/stop."""
+        policy = self.on_source_error if is_read else self.on_target_error
+        if policy in (BlockdevOnError.REPORT, BlockdevOnError.AUTO):
+            action = "report"
+        elif policy == BlockdevOnError.IGNORE:
+            action = "ignore"
+        elif policy == BlockdevOnError.STOP:
+            action = "stop"
+        else:  # enospc
+            action = "stop" if err == errno.ENOSPC else "report"
+        self.manager.emit(
+            "BLOCK_JOB_ERROR",
+            {"device": self.id, "operation": "read" if is_read else "write", "action": action},
+        )
+        if action == "stop":
+            self.iostatus = "nospace" if err == errno.ENOSPC else "failed"
+            self.user_paused = True
+            self.pause()
+        return action
+
+    def _event_data(self) -> dict[str, Any]:
+        return {
+            "type": self.job_type.value,
+            "device": self.id,
+            "len": self.progress_total,
+            "offset": self.progress_current,
+            "speed": self.speed,
+        }
+
+    def on_finalized_event(self) -> None:
+        data = self._event_data()
+        if self.force_cancel:
+            self.manager.emit("BLOCK_JOB_CANCELLED", data)
+        else:
+            if self.ret:
+                data["error"] = self.error
+            self.manager.emit("BLOCK_JOB_COMPLETED", data)
+
+    def on_pending_event(self) -> None:
+        self.manager.emit("BLOCK_JOB_PENDING", {"type": self.job_type.value, "id": self.id})
+
+    def emit_ready(self) -> None:
+        self._transition(S.READY)
+        self.manager.emit("BLOCK_JOB_READY", self._event_data())
+
+    def block_info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": self.job_type.value,
+            "device": self.id,
+            "len": self.progress_total,
+            "offset": self.progress_current,
+            "busy": self.busy,
+            "paused": self.pause_count > 0 or self.paused,
+            "speed": self.speed,
+            "io-status": self.iostatus,
+            "ready": self.is_ready,
+            "status": self.status.value,
+            "auto-finalize": self.auto_finalize,
+            "auto-dismiss": self.auto_dismiss,
+        }
+        if self.status == S.CONCLUDED and self.ret:
+            out["error"] = self.error
+        return out

@@ -1,0 +1,33 @@
+"""The ``blockdev-create`` job (QEMU's block/create.c): runs a driver's create function as a
+job of type ``create``. It is not a block job: no BLOCK_JOB_* events, invisible to
+``query-block-jobs``, dismissed by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blockd.block.driver import driver_class
+from blockd.errors import QmpError
+from blockd.job.core import Job
+from blockd.qapi.job import JobType
+
+
+class CreateJob(Job):
+    job_type = JobType.CREATE
+
+    def __init__(self, manager: Any, job_id: str, options: Any, graph: Any) -> None:
+        super().__init__(manager, job_id, auto_finalize=True, auto_dismiss=False)
+        self.options = options
+        self.graph = graph
+        self.progress_total = 1
+
+    async def run(self) -> None:
+        driver = self.options.driver.value
+        cls = driver_class(driver)
+        create = getattr(cls, "create", None) if cls is not None else None
+        if cls is None or not cls.can_create or create is None:
+            raise QmpError("Driver does not support blockdev-create")
+        try:
+            await create(self.options, self.graph)
+        finally:
+            self.progress_current = 1  # QEMU reports 1/1 whatever the outcome

@@ -1,0 +1,66 @@
+"""The job registry: ids, lookup with QEMU's errors, queries, shutdown (QEMU's job list and
+the qmp_job_* / qmp_block_job_* lookups)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from blockd.errors import DeviceNotActiveError, QmpError
+from blockd.job.core import Job
+
+log = logging.getLogger(__name__)
+
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
+
+
+class JobManager:
+    def __init__(self, emit: Callable[[str, dict[str, Any]], None]) -> None:
+        self.emit = emit
+        self.jobs: dict[str, Job] = {}
+
+    def check_new_id(self, job_id: str | None) -> str:
+        job_id = job_id or ""
+        if not _ID_RE.match(job_id):
+            raise QmpError(f"Invalid job ID '{job_id}'")
+        if job_id in self.jobs:
+            raise QmpError(f"Job ID '{job_id}' already in use")
+        return job_id
+
+    def register(self, job: Job) -> None:
+        self.check_new_id(job.id)
+        self.jobs[job.id] = job
+
+    def unregister(self, job: Job) -> None:
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise QmpError("Job not found")
+        return job
+
+    def get_block_job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None or not job.is_block_job:
+            raise DeviceNotActiveError(f"Block job '{job_id}' not found")
+        return job
+
+    def newest_first(self) -> list[Job]:
+        return list(reversed(self.jobs.values()))
+
+    async def cancel_all(self) -> None:
+        """Shutdown (``quit``, SIGTERM): force-cancel every running job and wait for it."""
+        for job in list(self.jobs.values()):
+            if not job.is_completed and job.status.value != "null":
+                try:
+                    await job.user_cancel(force=True)
+                except QmpError:
+                    continue
+        pending = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=30)

@@ -1,0 +1,1 @@
+"""The QMP monitor: framing, sessions, the command registry, events and introspection."""

@@ -1,0 +1,49 @@
+"""Fixtures shared by every test: daemons on sockets in the test's own tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from qemu.qmp import QMPClient
+from support import Daemon, EventLog, connect, start_blockd, start_qsd
+
+
+@pytest.fixture
+def blockd_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def make(*extra: str, name: str = "blockd") -> Daemon:
+        d = start_blockd(tmp_path, *extra, name=name)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def qsd_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def make(*extra: str, name: str = "qsd") -> Daemon:
+        d = start_qsd(tmp_path, *extra, name=name)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def blockd(blockd_factory: Callable[..., Daemon]) -> Daemon:
+    return blockd_factory()
+
+
+@pytest.fixture
+async def qmp(blockd: Daemon) -> AsyncIterator[tuple[QMPClient, EventLog]]:
+    async with connect(blockd.sock) as pair:
+        yield pair

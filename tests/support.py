@@ -1,0 +1,190 @@
+"""Shared test support: real daemons (blockd and qemu-storage-daemon) on sockets in each test's
+own temporary directory, QMP clients, and the qemu-img/qemu-io helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import QMPClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(
+    *cmd: str | os.PathLike[str], check: bool = True, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool, capturing text output; fail loudly with its stderr."""
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd} exited {res.returncode}: {res.stderr}{res.stdout}")
+    return res
+
+
+def qemu_img(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run("qemu-img", *args, check=check)
+
+
+def qemu_io(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = run("qemu-io", *args, check=check)
+    if check and ("error" in res.stdout.lower() or "failed" in res.stdout.lower()):
+        raise AssertionError(f"qemu-io {args}: {res.stdout}")
+    return res
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[Any] | None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"daemon exited early with {proc.returncode}")
+        if path.exists():
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.02)
+    raise AssertionError(f"no socket at {path}")
+
+
+class Daemon:
+    """A daemon process under test with its QMP socket."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: Path, log: Path) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.log = log
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def start_blockd(tmp: Path, *extra: str, name: str = "blockd") -> Daemon:
+    sock = tmp / f"{name}.sock"
+    log = tmp / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", "debug", *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    wait_for_socket(sock, proc)
+    return Daemon(proc, sock, log)
+
+
+def start_qsd(tmp: Path, *extra: str, name: str = "qsd") -> Daemon:
+    sock = tmp / f"{name}.sock"
+    log = tmp / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                "qemu-storage-daemon",
+                "--chardev",
+                f"socket,path={sock},server=on,wait=off,id=mon0",
+                "--monitor",
+                "chardev=mon0",
+                *extra,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    wait_for_socket(sock, proc)
+    return Daemon(proc, sock, log)
+
+
+have_qsd = shutil.which("qemu-storage-daemon") is not None
+needs_qsd = pytest.mark.skipif(not have_qsd, reason="qemu-storage-daemon not installed")
+
+
+class EventLog:
+    """Collects every event a client sees, in order."""
+
+    def __init__(self, client: QMPClient) -> None:
+        self.client = client
+        self.events: list[dict[str, Any]] = []
+        self._listener = client.events
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        async def pump() -> None:
+            async for ev in self.client.events:
+                self.events.append(dict(ev))
+
+        self._task = asyncio.create_task(pump())
+
+    async def wait_for(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 30
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            for ev in self.events[seen:]:
+                if pred(ev):
+                    return ev
+            seen = len(self.events)
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"event not seen in {timeout}s; have {self.names()}")
+
+    async def wait_job_status(self, job: str, status: str, timeout: float = 30) -> None:
+        await self.wait_for(
+            lambda e: (
+                e["event"] == "JOB_STATUS_CHANGE"
+                and e["data"]["id"] == job
+                and e["data"]["status"] == status
+            ),
+            timeout,
+        )
+
+    def names(self) -> list[str]:
+        out = []
+        for e in self.events:
+            if e["event"] == "JOB_STATUS_CHANGE":
+                out.append(f"J:{e['data']['id']}:{e['data']['status']}")
+            else:
+                out.append(e["event"])
+        return out
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+@contextlib.asynccontextmanager
+async def connect(sock: Path) -> AsyncIterator[tuple[QMPClient, EventLog]]:
+    client = QMPClient("test")
+    await client.connect(str(sock))
+    events = EventLog(client)
+    events.start()
+    try:
+        yield client, events
+    finally:
+        await events.stop()
+        with contextlib.suppress(Exception):
+            await client.disconnect()
