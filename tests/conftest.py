@@ -47,3 +47,11 @@ def blockd(blockd_factory: Callable[..., Daemon]) -> Daemon:
 async def qmp(blockd: Daemon) -> AsyncIterator[tuple[QMPClient, EventLog]]:
     async with connect(blockd.sock) as pair:
         yield pair
+
+
+@pytest.fixture(scope="module")
+def shared_blockd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for a whole module (fuzzing runs thousands of cases against it)."""
+    d = start_blockd(tmp_path_factory.mktemp("shared"))
+    yield d
+    assert d.stop() == 0

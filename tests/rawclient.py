@@ -47,7 +47,9 @@ class RawQmp:
             if "event" not in msg:
                 return msg
 
-    def cmd(self, execute: str, arguments: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    def cmd(
+        self, execute: str, arguments: dict[str, Any] | None = None, **extra: Any
+    ) -> dict[str, Any]:
         msg: dict[str, Any] = {"execute": execute}
         if arguments is not None:
             msg["arguments"] = arguments

@@ -316,7 +316,8 @@ class Job:
                 await self._wake.wait()
             self.paused = False
             self.busy = True
-            self._transition(prev)
+            if self.status != prev:  # a cancel may already have moved us back
+                self._transition(prev)
         if self.force_cancel:
             raise JobCancelled
 

@@ -32,6 +32,9 @@ _TOKEN = re.compile(
     re.VERBOSE | re.DOTALL,
 )
 _SPACE = re.compile(rb"[ \t\r\n]*")
+_INNER = re.compile(rb"[ \t\r\n,:0-9a-zA-Z.+\-]*")
+_DQ_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
+_SQ_BODY = re.compile(rb"[^'\\]*(?:\\.[^'\\]*)*", re.DOTALL)
 
 
 @dataclass(slots=True)
@@ -51,6 +54,7 @@ class JsonStreamer:
         self._depth = 0
         self._skipping = False  # discarding the rest of an oversized value
         self._max = max_bytes
+        self._quote: int | None = None  # inside a string opened by this quote byte
 
     def feed(self, data: bytes) -> Iterator[Any | JsonError]:
         """Add bytes and yield every value that is now complete."""
@@ -63,38 +67,70 @@ class JsonStreamer:
         yield from self._scan(eof=True)
 
     def _compact(self) -> None:
-        keep = self._start if self._start >= 0 else self._pos
+        # While skipping, nothing before the scan position is needed; otherwise keep the
+        # value being collected.
+        keep = self._pos if self._skipping or self._start < 0 else self._start
         if keep > 65536 or keep == len(self._buf):
             del self._buf[:keep]
             self._pos -= keep
-            if self._start >= 0:
-                self._start -= keep
+            self._start = -1 if self._start < 0 else max(self._start - keep, 0)
+
+    def _oversized(self) -> Iterator[JsonError]:
+        if not self._skipping and self._start >= 0 and self._pos - self._start > self._max:
+            self._skipping = True
+            yield JsonError(f"JSON parse error, message exceeds {self._max} bytes")
 
     def _scan(self, eof: bool) -> Iterator[Any | JsonError]:
         buf = self._buf
         n = len(buf)
         while True:
-            if self._start >= 0 and not self._skipping and self._pos - self._start > self._max:
-                self._skipping = True
-                yield JsonError(f"JSON parse error, message exceeds {self._max} bytes")
+            if self._quote is not None:
+                # Inside a string: match whole escapes so the resume point is always on an
+                # escape boundary (linear time over many chunks, droppable when skipping).
+                body = _DQ_BODY if self._quote == 0x22 else _SQ_BODY
+                m = body.match(buf, self._pos, n)
+                end = m.end() if m else self._pos
+                if end >= n or buf[end] != self._quote:
+                    self._pos = end
+                    yield from self._oversized()
+                    if eof:
+                        self._quote = None
+                        self._pos = n
+                        yield from self._error("JSON parse error, premature EOI")
+                    return
+                self._quote = None
+                self._pos = end + 1
+                yield from self._oversized()
+                if self._depth == 0:
+                    yield from self._emit(self._pos)
+                continue
+            yield from self._oversized()
+            if self._depth > 0:
+                # Inside a container only strings and brackets matter for framing; numbers,
+                # keywords and separators are checked when the value is parsed.
+                fast = _INNER.match(buf, self._pos)
+                if fast is not None and fast.end() >= n and not eof:
+                    self._pos = fast.end()
+                    yield from self._oversized()
+                    return
+                if fast is not None:
+                    self._pos = fast.end()
             sp = _SPACE.match(buf, self._pos)
             pos = sp.end() if sp else self._pos
             if pos >= n:
                 self._pos = pos
                 return
+            ch = buf[pos]
+            if ch in (0x22, 0x27):
+                if self._start < 0:
+                    self._start = pos
+                self._quote = ch
+                self._pos = pos + 1
+                continue
             m = _TOKEN.match(buf, pos)
             if m is None:
-                ch = buf[pos : pos + 1]
-                if ch in (b'"', b"'"):
-                    # An unterminated string: wait for the rest.
-                    if eof:
-                        self._pos = n
-                        yield from self._error("JSON parse error, premature EOI")
-                    else:
-                        self._pos = pos
-                    return
                 self._pos = pos + 1
-                yield from self._error(f"JSON parse error, stray '{_show(ch)}'")
+                yield from self._error(f"JSON parse error, stray '{_show(bytes([ch]))}'")
                 continue
             end = m.end()
             kind = m.lastgroup
@@ -133,13 +169,14 @@ class JsonStreamer:
             yield JsonError(desc)
 
     def _emit(self, end: int) -> Iterator[Any | JsonError]:
+        if self._skipping:
+            self._start = -1
+            self._depth = 0
+            self._skipping = False
+            return
         raw = bytes(self._buf[self._start : end])
-        skipping = self._skipping
         self._start = -1
         self._depth = 0
-        self._skipping = False
-        if skipping:
-            return
         yield parse_value(raw)
 
 

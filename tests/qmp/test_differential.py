@@ -48,7 +48,10 @@ SCENARIO: list[Any] = [
     {"execute": "query-version", "id": {"a": [1, 2.5, None, True]}},
     {"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n", "size": "5"}},
     {"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n", "size": 5.0}},
-    {"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n", "size": 2**64}},
+    {
+        "execute": "blockdev-add",
+        "arguments": {"driver": "null-co", "node-name": "n", "size": 2**64},
+    },
     {"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n", "cache": 1}},
     {
         "execute": "blockdev-add",
@@ -109,7 +112,10 @@ SCENARIO: list[Any] = [
     {"execute": "block-job-set-speed", "arguments": {"device": "zz", "speed": 1}},
     {"execute": "block-job-finalize", "arguments": {"id": "zz"}},
     {"execute": "block-job-dismiss", "arguments": {"id": "zz"}},
-    {"execute": "blockdev-create", "arguments": {"job-id": "c", "options": {"driver": "raw", "size": 5}}},
+    {
+        "execute": "blockdev-create",
+        "arguments": {"job-id": "c", "options": {"driver": "raw", "size": 5}},
+    },
     {"execute": "blockdev-create", "arguments": {"options": {"driver": "file"}}},
     {"execute": "blockdev-create", "arguments": {"job-id": "1c", "options": {"driver": "raw"}}},
     {"execute": "blockdev-create", "arguments": {"job-id": "cj", "options": CREATE_FILE}},
