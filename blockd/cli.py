@@ -9,7 +9,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
+from typing import Any
 
 from blockd import __version__
 from blockd.errors import QmpError
@@ -40,6 +42,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _keyval_value(text: str) -> Any:
+    if text in ("on", "true"):
+        return True
+    if text in ("off", "false"):
+        return False
+    try:
+        return int(text, 0)
+    except ValueError:
+        return text
+
+
+def parse_blockdev(spec: str) -> dict[str, Any]:
+    """``--blockdev`` takes JSON, or QEMU's dotted ``key=value,file.filename=x`` form
+    (``,,`` stands for a literal comma), as qemu-storage-daemon does."""
+    if spec.lstrip().startswith("{"):
+        try:
+            value = json.loads(spec)
+        except ValueError as exc:
+            raise ValueError(f"invalid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError("expected a JSON object")
+        return value
+    out: dict[str, Any] = {}
+    for item in re.split(r"(?<!,),(?!,)", spec):
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got '{item}'")
+        cur = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = cur.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"'{key}' conflicts with an earlier value")
+            cur = nxt
+        cur[parts[-1]] = _keyval_value(val.replace(",,", ","))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -50,12 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     blockdevs = []
     for spec in args.blockdev:
         try:
-            value = json.loads(spec)
+            value = parse_blockdev(spec)
         except ValueError as exc:
-            print(f"blockd: --blockdev: invalid JSON: {exc}", file=sys.stderr)
-            return 1
-        if not isinstance(value, dict):
-            print("blockd: --blockdev: expected a JSON object", file=sys.stderr)
+            print(f"blockd: --blockdev: {exc}", file=sys.stderr)
             return 1
         blockdevs.append(value)
 

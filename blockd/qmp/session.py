@@ -190,6 +190,13 @@ class QmpSession:
         except QmpError as exc:
             log.info("qmp#%d %s: %s", self.num, name, exc.desc)
             return fail(exc.desc, exc.qmp_class)
+        except OSError as exc:
+            # An I/O error inside a command: report it the way QEMU's error_setg_errno does.
+            log.warning("qmp#%d %s: %s", self.num, name, exc)
+            return fail(exc.strerror or str(exc))
+        except Exception as exc:  # a bug: answer with the id so clients stay in sync
+            log.exception("qmp#%d %s: internal error", self.num, name)
+            return fail(f"Internal error in {name}: {type(exc).__name__}: {exc}")
         reply: dict[str, Any] = {"return": _wire(result)}
         if has_id:
             reply["id"] = rid

@@ -211,11 +211,20 @@ def test_oversized_message_gets_error_and_connection_survives(blockd: Daemon) ->
 def test_cli_blockdev_option(blockd_factory: Any) -> None:
     from rawclient import RawQmp
 
-    d = blockd_factory("--blockdev", json.dumps({"driver": "null-co", "node-name": "boot0"}))
+    d = blockd_factory(
+        "--blockdev",
+        json.dumps({"driver": "null-co", "node-name": "boot0"}),
+        "--blockdev",
+        "driver=raw,node-name=boot1,file.driver=null-co,file.size=1048576,read-only=on",
+    )
     r = RawQmp(d.sock)
     r.negotiate()
     nodes = r.cmd("query-named-block-nodes")["return"]
-    assert [n["node-name"] for n in nodes] == ["boot0"]
+    assert [(n["node-name"], n["ro"]) for n in nodes if not n["node-name"].startswith("#")] == [
+        ("boot1", True),
+        ("boot0", False),
+    ]
+    assert nodes[0]["image"]["virtual-size"] == 1048576
     r.close()
 
 
