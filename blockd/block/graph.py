@@ -125,7 +125,8 @@ class BlockGraph:
         inherit_read_only: bool | None = None,
     ) -> BdrvChild:
         """Attach a child from a BlockdevRef: an existing node's name or inline options."""
-        if isinstance(ref, str):
+        owned = not isinstance(ref, str)
+        if not owned:
             node = self.nodes.get(ref)
             if node is None:
                 raise QmpError(f"Cannot find device='{ref}' nor node-name='{ref}'")
@@ -133,12 +134,15 @@ class BlockGraph:
             ro = parent.read_only if inherit_read_only is None else inherit_read_only
             node = await self.open_node(ref, inherit_read_only=ro)
         try:
-            return self.attach(parent, node, name, role)
+            return self.attach(parent, node, name, role, owned=owned)
         except BaseException:
-            await self.maybe_free(node)
+            if owned:
+                await self.maybe_free(node)
             raise
 
-    def attach(self, parent: BlockNode, node: BlockNode, name: str, role: ChildRole) -> BdrvChild:
+    def attach(
+        self, parent: BlockNode, node: BlockNode, name: str, role: ChildRole, owned: bool = False
+    ) -> BdrvChild:
         if node is parent or parent in _all_descendants(node):
             raise QmpError(
                 f"Making '{node.node_name}' a {name} child of '{parent.node_name}' would "
@@ -148,7 +152,7 @@ class BlockGraph:
         perm, shared = parent.driver.child_perm(role, perm, shared)
         if parent.read_only:
             perm &= ~(Perm.WRITE | Perm.RESIZE)
-        edge = BdrvChild(name, role, parent, node, perm, shared)
+        edge = BdrvChild(name, role, parent, node, perm, shared, owned)
         node.check_perm_conflict(edge)
         node.parents.append(edge)
         parent.children[name] = edge
@@ -168,7 +172,8 @@ class BlockGraph:
         if edge in node.parents:
             node.parents.remove(edge)
             node.perms_changed()
-        await self.maybe_free(node)
+        if edge.owned:
+            await self.maybe_free(node)
 
     async def _close_children(self, node: BlockNode) -> None:
         for edge in list(node.children.values()):

@@ -67,6 +67,9 @@ class BdrvChild:
     node: BlockNode
     perm: Perm = Perm.CONSISTENT_READ
     shared: Perm = field(default_factory=Perm.all)
+    #: The parent created the child from inline options and frees it when the edge goes;
+    #: a child given by name belongs to whoever opened it (the monitor, a job, a command).
+    owned: bool = False
 
 
 class BlockUser:

@@ -122,13 +122,14 @@ class ExternalSnapshot:
     def prepare_existing(self, node: str, overlay: str) -> None:
         old = self.graph.lookup(node)
         new = self.graph.lookup(overlay)
-        if old is new or old in new.backing_chain():
-            raise QmpError(f"Making '{node}' a backing child of '{overlay}' would create a cycle")
+        # QEMU's order: the old node's blockers, the overlay's state, then the cycle check.
         self._check_old(old)
-        if not new.driver.supports_backing:
-            raise QmpError("The overlay does not support backing images")
         if new.backing is not None:
             raise QmpError("The overlay already has a backing image")
+        if old is new or old in new.backing_chain() or new in old.backing_chain():
+            raise QmpError(f"Making '{node}' a backing child of '{overlay}' would create a cycle")
+        if not new.driver.supports_backing:
+            raise QmpError("The overlay does not support backing images")
         if any(not isinstance(e.parent, BlockNode) for e in new.parents):
             raise QmpError("The overlay is already in use")
         self.old, self.new = old, new
