@@ -76,6 +76,8 @@ class ExternalSnapshot:
         self.new: BlockNode | None = None
         self._committed = False
         self._existing = False
+        self._old_read_only = False
+        self._new_was_owned = False
 
     # -- prepare -------------------------------------------------------------------------
     async def prepare_sync(
@@ -148,6 +150,8 @@ class ExternalSnapshot:
     async def commit(self) -> None:
         old, new = self.old, self.new
         assert old is not None and new is not None
+        self._old_read_only = old.read_only
+        self._new_was_owned = new.monitor_owned
         await old.drain()
         await new.drain()
         self.graph.attach(new, old, "backing", ChildRole.backing())
@@ -158,6 +162,27 @@ class ExternalSnapshot:
         new.monitor_owned = True
         await reopen_read_only(old, True)
         self._committed = True
+
+    async def revert(self) -> None:
+        """Undo a committed snapshot (a later action of its transaction failed)."""
+        if not self._committed:
+            await self.abort()
+            return
+        old, new = self.old, self.new
+        assert old is not None and new is not None
+        await new.drain()
+        self.graph.replace(new, old)
+        edge = new.children.get("backing")
+        if edge is not None:
+            await self.graph.detach(edge)
+        hook = getattr(new.driver, "on_backing_attached", None)
+        if hook is not None:
+            hook(None)
+        await reopen_read_only(old, self._old_read_only)
+        self._committed = False
+        new.monitor_owned = self._new_was_owned
+        if not self._existing:
+            await self.graph.maybe_free(new)
 
     async def abort(self) -> None:
         if self.new is not None and not self._committed and not self._existing:

@@ -110,6 +110,7 @@ class Job:
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self._pause_prev = S.RUNNING
 
     # -- state ---------------------------------------------------------------------------
     def _transition(self, new: S) -> None:
@@ -308,6 +309,7 @@ class Job:
             raise JobCancelled
         if self.pause_count > 0:
             prev = self.status
+            self._pause_prev = prev
             self._transition(S.STANDBY if prev == S.READY else S.PAUSED)
             self.paused = True
             self.busy = False
@@ -373,17 +375,18 @@ class Job:
         if self.pause_count > 0:
             self.pause_count -= 1
         if self.pause_count == 0:
+            if self.paused and self.status in (S.PAUSED, S.STANDBY):
+                # QEMU re-enters the job at once, so 'running' precedes the command's reply.
+                self._transition(self._pause_prev)
             self.enter()
 
     def cancel_async(self, force: bool) -> None:
         if self.user_paused:
             self.on_user_resume()
             self.user_paused = False
-            self.resume()
-            if self.paused:
-                # QEMU emits 'running' here, before 'aborting'.
-                self.paused = False
-                self._transition(S.RUNNING if self.status == S.PAUSED else S.READY)
+            self.resume()  # QEMU emits 'running' here, before 'aborting'
+            if self.paused and self.status in (S.PAUSED, S.STANDBY):
+                self._transition(self._pause_prev)
         self.cancelled = True
         if not self.force_cancel:
             self.force_cancel = force

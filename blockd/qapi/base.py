@@ -225,6 +225,8 @@ def qapi_error_text(exc: ValidationError, data: Any, prefix: str = "") -> str:
         return f"Parameter '{tag}' does not accept value '{raw}'"
     if typ == "qapi_alternate":
         path = full(_path_of(loc, data, keep_last=False))
+        if path.endswith("]"):
+            path = "null"  # QEMU has no member name for a list element here either
         return f"Invalid parameter type for '{path}', expected: {err['msg']}"
     path = full(_path_of(loc, data, keep_last=True))
     if typ in ("enum", "literal_error"):

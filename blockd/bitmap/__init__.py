@@ -1,0 +1,2 @@
+"""Dirty bitmaps: the bit array (:mod:`.hbitmap`) and the named, node-owned bitmap with its
+successor protocol (:mod:`.dirty`)."""

@@ -1,0 +1,1071 @@
+"""The qcow2 format driver (QEMU's block/qcow2.c and the request half of qcow2-cluster.c).
+
+Request flow: mapping lookups and every metadata change happen under one asyncio lock
+(``self.lock``, QEMU's ``s->lock``); data reads and writes run outside it, so requests to
+different ranges overlap their I/O. A write that needs new clusters reserves its guest clusters
+(``_inflight``) before dropping the lock, so a concurrent write to another part of the same
+cluster waits instead of allocating it twice.
+
+Crash consistency (kill -9 or power loss at any point leaves an image ``qemu-img check``
+calls clean, leaks aside):
+
+* a refcount increment reaches the file before any L2 entry that points to the cluster
+  (the L2 cache writes and syncs the refcount cache first);
+* an L2 table reaches the file before the L1 entry that points to it (L1 entries are written
+  only after the L2 cache, with a sync between);
+* a refcount decrement is queued and applied only after the L2/L1 change that dropped the
+  reference is on disk (``_pending_free``);
+* QCOW_OFLAG_COPIED is set exactly on clusters blockd allocates (refcount 1); a cluster
+  without it is never written in place but copied.
+
+The dirty bit is never set: refcounts are always kept exact (no lazy refcounts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import errno
+import logging
+import os
+import struct
+from typing import TYPE_CHECKING, Any
+
+from blockd.block.driver import BlockDriver, WriteFlags, register_driver
+from blockd.block.drivers.qcow2 import compress
+from blockd.block.drivers.qcow2.cluster import (
+    COMPRESSED,
+    NORMAL,
+    UNALLOCATED,
+    ZERO_ALLOC,
+    ZERO_PLAIN,
+    ClusterMap,
+    cluster_type,
+    writable_in_place,
+)
+from blockd.block.drivers.qcow2.header import (
+    AUTOCLEAR_KNOWN,
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_NAMES,
+    EXT_BITMAPS,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY,
+    INCOMPAT_EXTL2,
+    L2E_OFFSET_MASK,
+    MAGIC,
+    OFF_AUTOCLEAR,
+    OFF_SIZE,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    BitmapsExtension,
+    Qcow2Header,
+    parse_header,
+    peek_cluster_bits,
+)
+from blockd.block.drivers.qcow2.refcount import RefcountManager
+from blockd.block.perm import ChildRole
+from blockd.block.status import BlockStatus, Extent
+from blockd.errors import QmpError
+from blockd.io.pool import run_blocking
+
+if TYPE_CHECKING:
+    from blockd.block.graph import BlockGraph
+    from blockd.block.node import BlockNode
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+#: Queued frees past this many bytes force a metadata sync so space gets reused.
+_PENDING_FREE_LIMIT = 64 * MiB
+#: At most this many clusters per write step (one data write, one allocation).
+_MAX_STEP_CLUSTERS = 8192
+#: Backing files currently being opened up this chain (loop and depth guard).
+_opening_chain: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "qcow2_opening_chain", default=()
+)
+_MAX_CHAIN = 64
+
+
+class _Run:
+    """Consecutive guest clusters that are read the same way."""
+
+    __slots__ = ("host", "kind", "length", "offset")
+
+    def __init__(self, kind: int, offset: int, length: int, host: int) -> None:
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+        self.host = host  # NORMAL/ZERO_ALLOC: host offset of *offset*; COMPRESSED: L2 entry
+
+
+@register_driver
+class Qcow2Driver(BlockDriver):
+    format_name = "qcow2"
+    is_format = True
+    supports_backing = True
+    can_create = True
+
+    def __init__(self, node: BlockNode) -> None:
+        super().__init__(node)
+        self.hdr: Qcow2Header | None = None
+        self.size = 0
+        self.cluster_bits = 16
+        self.cluster_size = 1 << 16
+        self.lock = asyncio.Lock()
+        self.refcounts: RefcountManager | None = None
+        self.map: ClusterMap | None = None
+        self.layout: compress.CompressedLayout | None = None
+        #: Backing file name and format as recorded in the header (for query-named-block-nodes).
+        self.backing_file_name: str | None = None
+        self.backing_format: str | None = None
+        self.full_backing_file_name: str | None = None
+        self._inflight: list[tuple[int, int, asyncio.Event]] = []
+        self._pending_free: list[tuple[int, int]] = []
+        #: Freed host ranges to discard in the file once their refcount is 0 (QEMU's
+        #: pass-discard-request for discard and unmapping write-zeroes requests).
+        self._pending_discard: list[tuple[int, int]] = []
+        self._pass_discard_request = True
+        self._pending_free_bytes = 0
+        self._reads = 0
+        self._file_len_at_open = 0
+        self._written_end = 0
+        self._grown = False
+        self._grow_lock = asyncio.Lock()
+        self._dcache: tuple[int, bytes] | None = None
+        self._opened = False
+        self._other_meta: set[int] = set()
+
+    # -- plumbing ------------------------------------------------------------------------------
+    @property
+    def file(self) -> BlockNode:
+        return self.node.children["file"].node
+
+    @property
+    def _m(self) -> ClusterMap:
+        assert self.map is not None
+        return self.map
+
+    @property
+    def _r(self) -> RefcountManager:
+        assert self.refcounts is not None
+        return self.refcounts
+
+    async def read_meta(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
+        return await self._read_file(offset, nbytes)
+
+    async def write_meta(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_meta_write(offset, len(data))
+        await self._write_file(offset, data)
+
+    async def write_header(self, offset: int, data: bytes) -> None:
+        await self._write_file(offset, data)
+
+    async def sync(self) -> None:
+        await self.file.flush()
+
+    async def _read_file(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
+        """Read from the image file; bytes past its end read as zeroes (as QEMU's file
+        driver pads short reads)."""
+        flen = self.file.length
+        if offset >= flen:
+            return bytes(nbytes)
+        if offset + nbytes <= flen:
+            return await self.file.read(offset, nbytes)
+        head = await self.file.read(offset, flen - offset)
+        return bytes(head) + bytes(nbytes - (flen - offset))
+
+    async def _write_file(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        end = offset + len(data)
+        if end > self.file.length:
+            await self._grow_file(end)
+        await self.file.write(offset, data, flags)
+        if end > self._written_end:
+            self._written_end = end
+
+    async def _grow_file(self, end: int) -> None:
+        """Extend the file ahead of writes, in steps, so sequential allocation does not cost
+        a truncate per request; :meth:`close` trims what was never written."""
+        async with self._grow_lock:
+            cur = self.file.length
+            if end <= cur:
+                return
+            step = min(max(end // 8, 4 * MiB), 256 * MiB)
+            new = -(-(end + step) // self.cluster_size) * self.cluster_size
+            await self.file.truncate(new)
+            self._grown = True
+
+    def _check_meta_write(self, offset: int, nbytes: int) -> None:
+        """Refuse table writes onto the header (QEMU's overlap check, "constant" part): on a
+        corrupt image a table offset of 0 must fail the request, not destroy the image."""
+        if offset < self.cluster_size and self._opened:
+            raise OSError(errno.EIO, f"qcow2: metadata write at {offset:#x} overlaps the header")
+
+    def _check_data_overlap(self, host: int, nbytes: int) -> None:
+        """Refuse data writes onto metadata clusters (QEMU's overlap check, "cached" mode)."""
+        cb = self.cluster_bits
+        first = host >> cb
+        last = (host + nbytes - 1) >> cb
+        m, r = self._m, self._r
+        l1 = m.l1_clusters
+        for c in range(first, last + 1):
+            if (
+                c == 0
+                or c in m.l2_clusters
+                or c in r.meta_clusters
+                or c in self._other_meta
+                or c in l1
+            ):
+                raise OSError(
+                    errno.EIO, f"qcow2: data write to host cluster {c} overlaps metadata"
+                )
+
+    # -- open / close --------------------------------------------------------------------------
+    async def open(self, options: Any, graph: BlockGraph) -> None:
+        if options.data_file is not None:
+            raise QmpError("blockd does not support qcow2 external data files ('data-file')")
+        await graph.open_child(self.node, options.file, "file", ChildRole.image())
+        flen = self.file.length
+        self._file_len_at_open = flen
+        self._written_end = flen
+        head = await self._read_file(0, min(flen, 512))
+        if len(head) < 72:
+            raise QmpError("Image is not in qcow2 format")
+        cb = peek_cluster_bits(bytes(head))
+        buf = await self._read_file(0, min(flen, 1 << cb))
+        hdr = parse_header(bytes(buf))
+        self._refuse_unsupported(hdr, self.node.read_only)
+        compress.check_supported(hdr.compression_type)
+        self.hdr = hdr
+        self.size = hdr.size // 512 * 512
+        self.cluster_bits = hdr.cluster_bits
+        self.cluster_size = hdr.cluster_size
+        self.layout = compress.CompressedLayout(hdr.cluster_bits)
+        self.limits.pwrite_zeroes_alignment = self.cluster_size
+        self.limits.pdiscard_alignment = self.cluster_size
+        if options.lazy_refcounts and hdr.version < 3:
+            raise QmpError(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+            )
+        if options.pass_discard_request is not None:
+            self._pass_discard_request = bool(options.pass_discard_request)
+
+        cs = self.cluster_size
+        rc_cache = max(4, (options.refcount_cache_size or MiB) // cs)
+        l2_bytes = options.l2_cache_size
+        if l2_bytes is None:
+            # QEMU: enough to cover the whole image, at most 32 MiB.
+            l2_bytes = min(32 * MiB, max(hdr.l1_size, 1) * cs)
+        self.refcounts = RefcountManager(
+            self, hdr.cluster_bits, hdr.refcount_order, hdr.refcount_table_offset,
+            hdr.refcount_table_clusters, rc_cache,
+        )
+        await self.refcounts.load()
+        self.map = ClusterMap(
+            self, hdr.cluster_bits, hdr.l1_size, hdr.l1_table_offset, self.refcounts,
+            max(2, l2_bytes // cs), self._queue_free,
+        )
+        await self.map.load()
+        self._other_meta = self._extra_meta_clusters(hdr)
+
+        self.backing_file_name = hdr.backing_file
+        self.backing_format = hdr.backing_format
+        await self._open_backing(options, graph)
+
+        if not self.node.read_only and hdr.version >= 3:
+            unknown = hdr.autoclear_features & ~AUTOCLEAR_KNOWN
+            if unknown:
+                # Bits for features blockd does not know: whoever set them must learn the
+                # image was changed behind their back.
+                hdr.autoclear_features &= AUTOCLEAR_KNOWN
+                await self.write_header(OFF_AUTOCLEAR, struct.pack(">Q", hdr.autoclear_features))
+                await self.sync()
+        self._opened = True
+
+    @staticmethod
+    def _refuse_unsupported(hdr: Qcow2Header, read_only: bool) -> None:
+        if hdr.crypt_method:
+            kind = {1: "AES", 2: "LUKS"}.get(hdr.crypt_method, str(hdr.crypt_method))
+            raise QmpError(f"blockd does not support encrypted qcow2 images (encryption: {kind})")
+        if hdr.incompatible_features & INCOMPAT_DATA_FILE:
+            raise QmpError("blockd does not support qcow2 images with an external data file")
+        if hdr.incompatible_features & INCOMPAT_EXTL2:
+            raise QmpError(
+                "blockd does not support qcow2 images with extended L2 entries (subclusters)"
+            )
+        if read_only:
+            return
+        if hdr.incompatible_features & INCOMPAT_CORRUPT:
+            raise QmpError("qcow2: Image is corrupt; cannot be opened read/write")
+        if hdr.incompatible_features & INCOMPAT_DIRTY:
+            raise QmpError(
+                "qcow2: Image has the dirty bit set (lazy refcounts) and blockd cannot repair "
+                "it; run 'qemu-img check -r all' first or open it read-only"
+            )
+        if hdr.nb_snapshots:
+            raise QmpError(
+                "blockd cannot write to qcow2 images with internal snapshots; open it read-only"
+            )
+
+    def _extra_meta_clusters(self, hdr: Qcow2Header) -> set[int]:
+        """Clusters of metadata blockd keeps but does not manage (the bitmap directory), so
+        data writes never land on them."""
+        out: set[int] = set()
+        ext = hdr.extension(EXT_BITMAPS)
+        if ext is not None and len(ext.data) == 24:
+            bm = BitmapsExtension.parse(ext.data)
+            if bm.directory_size and bm.directory_size < 64 * MiB:
+                first = bm.directory_offset >> hdr.cluster_bits
+                last = (bm.directory_offset + bm.directory_size - 1) >> hdr.cluster_bits
+                out.update(range(first, last + 1))
+        return out
+
+    async def _open_backing(self, options: Any, graph: BlockGraph) -> None:
+        if "backing" in options.model_fields_set:
+            ref = options.backing
+            if ref is None:
+                return
+            try:
+                await graph.open_child(
+                    self.node, ref, "backing", ChildRole.backing(), inherit_read_only=True
+                )
+            except QmpError as exc:
+                raise QmpError(f"Could not open backing file: {exc.desc}") from None
+            return
+        name = self.backing_file_name
+        if not name:
+            return
+        path = self._resolve_backing(name)
+        self.full_backing_file_name = path
+        chain = _opening_chain.get()
+        real = await run_blocking(os.path.realpath, path)
+        own = await run_blocking(os.path.realpath, str(self.file.filename))
+        if real in chain or real == own or len(chain) >= _MAX_CHAIN:
+            raise QmpError(
+                f"Could not open backing file: backing chain loops or is too deep at '{path}'"
+            )
+        fmt = self.backing_format or await _probe_format(path)
+        from blockd.qapi.base import ArgsValidator
+        from blockd.qapi.block import BlockdevOptions
+
+        token = _opening_chain.set((*chain, own))
+        try:
+            try:
+                opts = ArgsValidator(BlockdevOptions).validate(
+                    {"driver": fmt, "file": {"driver": "file", "filename": path}}
+                )
+            except QmpError:
+                raise QmpError(f"Unknown driver '{fmt}'") from None
+            await graph.open_child(
+                self.node, opts, "backing", ChildRole.backing(), inherit_read_only=True
+            )
+        except QmpError as exc:
+            raise QmpError(f"Could not open backing file: {exc.desc}") from None
+        finally:
+            _opening_chain.reset(token)
+
+    def _resolve_backing(self, name: str) -> str:
+        if os.path.isabs(name):
+            return name
+        base = getattr(self.file.driver, "path", None)
+        if not base:
+            raise QmpError(
+                f"Cannot use relative backing file names for '{self.file.filename}'"
+            )
+        return os.path.join(os.path.dirname(base), name)
+
+    async def close(self) -> None:
+        if self.map is None or self.refcounts is None or "file" not in self.node.children:
+            return
+        try:
+            if not self.node.read_only and not self.file.closed:
+                async with self.lock:
+                    await self._sync_metadata(force_frees=True)
+                    await self._trim_file()
+                await self.sync()
+        finally:
+            self.map.cache.clear()
+            self.refcounts.cache.clear()
+
+    async def _trim_file(self) -> None:
+        """Give back the room :meth:`_grow_file` reserved but nothing used."""
+        if not self._grown:
+            return
+        target = max(self._file_len_at_open, self._written_end)
+        if self.file.length > target:
+            await self.file.truncate(target)
+
+    async def reopen(self, read_only: bool) -> None:
+        if read_only == self.node.read_only:
+            return
+        if read_only:
+            async with self.lock:
+                await self._sync_metadata(force_frees=True)
+            await self.sync()
+            self.node.read_only = True
+            return
+        assert self.hdr is not None
+        self._refuse_unsupported(self.hdr, False)
+        if self.file.read_only:
+            await self.file.driver.reopen(False)
+        self.node.read_only = False
+
+    async def rewrite_header(self) -> None:
+        """Write cluster 0 anew from the live state and ``self.hdr.extensions`` (QEMU's
+        qcow2_update_header): how the bitmap directory code changes the bitmaps extension.
+        Extensions blockd does not interpret are written back byte for byte."""
+        hdr, m, r = self.hdr, self._m, self._r
+        assert hdr is not None
+        hdr.size = self.size
+        hdr.l1_size = m.l1_size
+        hdr.l1_table_offset = m.l1_offset if m.l1_size else hdr.l1_table_offset
+        hdr.refcount_table_offset = r.table_offset
+        hdr.refcount_table_clusters = r.table_clusters
+        hdr.backing_file = self.backing_file_name
+        hdr.backing_format = self.backing_format
+        data = hdr.pack_cluster0()
+        async with self.lock:
+            await self._sync_metadata()
+            await self.sync()
+            await self.write_header(0, data + bytes(self.cluster_size - len(data)))
+            await self.sync()
+
+    # -- metadata sync -------------------------------------------------------------------------
+    def _queue_free(self, offset: int, nbytes: int, discard: bool = False) -> None:
+        self._pending_free.append((offset, nbytes))
+        if discard and self._pass_discard_request:
+            self._pending_discard.append((offset, nbytes))
+        self._pending_free_bytes += nbytes
+
+    async def _sync_metadata(self, force_frees: bool = False) -> None:
+        """Write every cached change in crash-safe order. Caller holds ``self.lock``."""
+        m, r = self._m, self._r
+        await m.cache.flush()  # syncs refcounts first when needed
+        if m.l1_dirty:
+            await self.sync()
+            await m.flush_l1()
+        if r.cache.dirty:
+            await r.flush()
+        if self._pending_free and (self._reads == 0 or force_frees):
+            await self.sync()  # the L2/L1 changes that dropped the references are stable
+            frees, self._pending_free = self._pending_free, []
+            self._pending_free_bytes = 0
+            for off, _n in frees:
+                m.cache.drop(off)
+            for first, count in _merge_clusters(frees, self.cluster_bits):
+                try:
+                    await r.update(first, count, -1)
+                except OSError as exc:  # a corrupt image: leak rather than fail the flush
+                    log.warning("%s: cannot free cluster %d: %s", self.node.node_name, first, exc)
+            self._dcache = None
+            await r.flush()
+            discards, self._pending_discard = self._pending_discard, []
+            await self._discard_freed(discards)
+
+    async def _discard_freed(self, ranges: list[tuple[int, int]]) -> None:
+        """Punch the host clusters that are free now out of the file (the file node does it
+        only when opened with discard=unmap). Caller holds the lock, so none of them can be
+        allocated again meanwhile."""
+        r = self._r
+        cb = self.cluster_bits
+        for first, count in _merge_clusters(ranges, cb):
+            run_start: int | None = None
+            for c in range(first, first + count + 1):
+                free = c < first + count and await r.get(c) == 0
+                if free and run_start is None:
+                    run_start = c
+                elif not free and run_start is not None:
+                    off = run_start << cb
+                    end = min(c << cb, self.file.length)
+                    if end > off:
+                        try:
+                            await self.file.discard(off, end - off)
+                        except OSError as exc:
+                            log.debug("discard of %#x failed: %s", off, exc)
+                    run_start = None
+
+    async def flush(self) -> None:
+        if self.map is None or self.node.read_only:
+            return
+        async with self.lock:
+            await self._sync_metadata()
+        await self.sync()
+
+    # -- lookups -------------------------------------------------------------------------------
+    async def _runs(self, offset: int, end: int) -> list[_Run]:
+        """How to read [offset, end) as far as the L2 table of *offset* reaches.
+
+        Caller holds the lock. Runs merge clusters of the same kind (NORMAL only when the
+        host clusters follow each other).
+        """
+        m = self._m
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        c0 = offset >> cb
+        table_end = ((c0 >> m.l2_bits) + 1) << m.l2_bits
+        c1 = min(-(-end >> cb), table_end)
+        ents = await m.entries(c0, c1 - c0)
+        runs: list[_Run] = []
+        pos = offset
+        for i, e in enumerate(ents):
+            cstart = (c0 + i) << cb
+            cend = min(cstart + cs, end)
+            kind = cluster_type(e)
+            host = 0
+            if kind in (NORMAL, ZERO_ALLOC):
+                host = e & L2E_OFFSET_MASK
+                if host & (cs - 1):
+                    raise OSError(
+                        errno.EIO, f"qcow2: cluster offset {host:#x} unaligned (guest {cstart:#x})"
+                    )
+                host += pos - cstart
+            elif kind == COMPRESSED:
+                host = e
+            if kind == ZERO_ALLOC:
+                kind = ZERO_PLAIN
+            last = runs[-1] if runs else None
+            if (
+                last is not None
+                and last.kind == kind
+                and kind != COMPRESSED
+                and (kind != NORMAL or last.host + last.length == host)
+            ):
+                last.length += cend - pos
+            else:
+                runs.append(_Run(kind, pos, cend - pos, host))
+            pos = cend
+        return runs
+
+    # -- reads ---------------------------------------------------------------------------------
+    def getlength(self) -> int:
+        return self.size
+
+    async def preadv(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
+        self._reads += 1
+        try:
+            end = offset + nbytes
+            out: bytearray | None = None
+            pos = offset
+            while pos < end:
+                async with self.lock:
+                    runs = await self._runs(pos, end)
+                if out is None and len(runs) == 1 and runs[0].length == nbytes:
+                    return await self._read_run(runs[0])
+                if out is None:
+                    out = bytearray(nbytes)
+                for run in runs:
+                    if run.kind != ZERO_PLAIN:
+                        data = await self._read_run(run)
+                        out[run.offset - offset : run.offset - offset + run.length] = data
+                    pos = run.offset + run.length
+            return out if out is not None else b""
+        finally:
+            self._reads -= 1
+
+    async def _read_run(self, run: _Run) -> bytes | bytearray | memoryview:
+        if run.kind == NORMAL:
+            return await self._read_file(run.host, run.length)
+        if run.kind == ZERO_PLAIN:
+            return bytes(run.length)
+        if run.kind == UNALLOCATED:
+            return await self._read_backing(run.offset, run.length)
+        data = await self._read_compressed(run.host)
+        start = run.offset & (self.cluster_size - 1)
+        return memoryview(data)[start : start + run.length]
+
+    async def _read_backing(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
+        back = self.node.backing
+        if back is None:
+            return bytes(nbytes)
+        blen = back.length
+        if offset >= blen:
+            return bytes(nbytes)
+        if offset + nbytes <= blen:
+            return await back.read(offset, nbytes)
+        head = await back.read(offset, blen - offset)
+        return bytes(head) + bytes(nbytes - (blen - offset))
+
+    async def _read_compressed(self, entry: int) -> bytes:
+        cached = self._dcache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        assert self.layout is not None and self.hdr is not None
+        coffset, csize, _ = self.layout.parse(entry)
+        raw = await self._read_file(coffset, csize)
+        data = await run_blocking(
+            compress.decompress, self.hdr.compression_type, raw, self.cluster_size
+        )
+        self._dcache = (entry, data)
+        return data
+
+    async def _read_old_cluster(self, cluster: int, entry: int) -> bytes | bytearray | memoryview:
+        """A cluster's current contents, for copy-on-write into its new host cluster."""
+        kind = cluster_type(entry)
+        cs = self.cluster_size
+        start = cluster << self.cluster_bits
+        if kind in (ZERO_PLAIN, ZERO_ALLOC):
+            return bytes(cs)
+        if kind == UNALLOCATED:
+            return await self._read_backing(start, cs)
+        if kind == COMPRESSED:
+            return await self._read_compressed(entry)
+        host = entry & L2E_OFFSET_MASK
+        if host & (cs - 1):
+            raise OSError(errno.EIO, f"qcow2: cluster offset {host:#x} unaligned")
+        return await self._read_file(host, cs)
+
+    # -- writes --------------------------------------------------------------------------------
+    async def pwritev(self, offset: int, data: memoryview, flags: WriteFlags) -> None:
+        await self._write(offset, data)
+        if flags & WriteFlags.FUA:
+            await self.flush()
+
+    async def _wait_inflight(self, c0: int, c1: int) -> bool:
+        """Wait (dropping the lock) for allocations on guest clusters [c0, c1); True when it
+        had to wait, so the caller looks at the L2 entries again."""
+        for a, b, ev in self._inflight:
+            if a < c1 and c0 < b:
+                self.lock.release()
+                try:
+                    await ev.wait()
+                finally:
+                    await self.lock.acquire()
+                return True
+        return False
+
+    async def _write(self, offset: int, data: memoryview) -> None:
+        end = offset + len(data)
+        pos = offset
+        while pos < end:
+            pos += await self._write_step(pos, data[pos - offset :], end)
+
+    async def _write_step(self, pos: int, data: memoryview, end: int) -> int:
+        """Write the leading run of [pos, end) that is either overwritten in place or newly
+        allocated in one piece; returns the bytes done."""
+        m = self._m
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        async with self.lock:
+            c0 = pos >> cb
+            c_max = min(-(-end >> cb), c0 + _MAX_STEP_CLUSTERS)
+            while await self._wait_inflight(c0, c_max):
+                pass
+            # Entries table by table, while the leading run keeps going.
+            ents: list[int] = []
+            inplace = writable_in_place((await m.entries(c0, 1))[0])
+            host = ents_host = 0
+            n = 0
+            c = c0
+            while c < c_max:
+                stop = min(c_max, ((c >> m.l2_bits) + 1) << m.l2_bits)
+                ents.extend(await m.entries(c, stop - c))
+                if n == 0:
+                    ents_host = ents[0] & L2E_OFFSET_MASK
+                while n < len(ents) and writable_in_place(ents[n]) == inplace and (
+                    not inplace or (ents[n] & L2E_OFFSET_MASK) == ents_host + n * cs
+                ):
+                    n += 1
+                if n < len(ents):
+                    break
+                c = stop
+            if inplace:
+                host = ents_host
+                if host & (cs - 1):
+                    raise OSError(errno.EIO, f"qcow2: cluster offset {host:#x} unaligned")
+                nbytes = min(end, (c0 + n) << cb) - pos
+                hoff = host + (pos & (cs - 1))
+                self._check_data_overlap(hoff, nbytes)
+            else:
+                for l1i in range(c0 >> m.l2_bits, ((c0 + n - 1) >> m.l2_bits) + 1):
+                    await m.writable_table(l1i)
+                host, n = await self._r.alloc_upto(n)
+                ev = asyncio.Event()
+                slot = (c0, c0 + n, ev)
+                self._inflight.append(slot)
+        if inplace:
+            await self._write_file(hoff, data[:nbytes])
+            return nbytes
+        return await self._write_allocated(pos, data, end, c0, n, host, tuple(ents[:n]), slot)
+
+    async def _write_allocated(
+        self,
+        pos: int,
+        data: memoryview,
+        end: int,
+        c0: int,
+        n: int,
+        host: int,
+        old: tuple[int, ...],
+        slot: tuple[int, int, asyncio.Event],
+    ) -> int:
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        run_start = c0 << cb
+        run_end = (c0 + n) << cb
+        wend = min(end, run_end)
+        nbytes = wend - pos
+        head = pos - run_start
+        tail = run_end - wend
+        ok = False
+        try:
+            if head or tail:
+                buf = bytearray(n * cs)
+                first = await self._read_old_cluster(c0, old[0]) if head else b""
+                if head:
+                    buf[:head] = memoryview(first)[:head]
+                if tail:
+                    if n == 1 and head:
+                        last = first
+                    else:
+                        last = await self._read_old_cluster(c0 + n - 1, old[-1])
+                    buf[n * cs - tail :] = memoryview(last)[cs - tail :]
+                buf[head : head + nbytes] = data[:nbytes]
+                await self._write_file(host, buf)
+            else:
+                await self._write_file(host, data[:nbytes])
+            async with self.lock:
+                m = self._m
+                cur = await m.entries_span(c0, n)
+                await m.set_entries_span(c0, [(host + i * cs) | OFLAG_COPIED for i in range(n)])
+                for e in cur:
+                    self._free_entry(e)
+                ok = True
+                if self._pending_free_bytes > _PENDING_FREE_LIMIT and not self._reads:
+                    await self._sync_metadata()
+        finally:
+            if not ok:
+                # Nothing references the new clusters: give them back at once.
+                async with self.lock:
+                    try:
+                        await self._r.update(host >> cb, n, -1)
+                    except OSError:
+                        pass
+            self._inflight.remove(slot)
+            slot[2].set()
+        return nbytes
+
+    def _free_entry(self, entry: int, discard: bool = False) -> None:
+        """Queue the release of whatever host space an L2 entry being replaced held."""
+        kind = cluster_type(entry)
+        if kind in (NORMAL, ZERO_ALLOC):
+            host = entry & L2E_OFFSET_MASK
+            if not host & (self.cluster_size - 1):
+                self._queue_free(host, self.cluster_size, discard)
+        elif kind == COMPRESSED:
+            assert self.layout is not None
+            start, length = self.layout.host_range(entry)
+            self._queue_free(start, length, discard)
+
+    # -- zeroes and discard --------------------------------------------------------------------
+    def _aligned_part(self, offset: int, end: int) -> tuple[int, int]:
+        """The whole clusters inside [offset, end); a range reaching the end of the image
+        also takes the partial last cluster."""
+        cs = self.cluster_size
+        a0 = -(-offset // cs) * cs
+        a1 = end // cs * cs
+        if end >= self.size and end % cs:
+            a1 = -(-end // cs) * cs
+        return a0, a1
+
+    async def pwrite_zeroes(self, offset: int, nbytes: int, flags: WriteFlags) -> None:
+        end = offset + nbytes
+        a0, a1 = self._aligned_part(offset, end)
+        assert self.hdr is not None
+        if a0 >= a1:
+            await self._zero_partial(offset, end, flags)
+        else:
+            if offset < a0:
+                await self._zero_partial(offset, a0, flags)
+            if self.hdr.version >= 3:
+                await self._zero_clusters(a0 >> self.cluster_bits, a1 - a0, flags, False)
+            elif self.node.backing is None and flags & WriteFlags.MAY_UNMAP:
+                await self._zero_clusters(a0 >> self.cluster_bits, a1 - a0, flags, True)
+            else:
+                await self._write_real_zeroes(a0, min(a1, end), flags)
+            if min(a1, end) < end:
+                await self._zero_partial(a1, end, flags)
+        if flags & WriteFlags.FUA:
+            await self.flush()
+
+    async def _zero_partial(self, offset: int, end: int, flags: WriteFlags) -> None:
+        """Part of one cluster: nothing to do if it already reads as zeroes, else real
+        zeroes (QEMU's is_zero() shortcut, then the fallback)."""
+        async with self.lock:
+            runs = await self._runs(offset, end)
+        back = self.node.backing
+        if all(
+            r.kind == ZERO_PLAIN
+            or (r.kind == UNALLOCATED and (back is None or r.offset >= back.length))
+            for r in runs
+        ):
+            return
+        await self._write_real_zeroes(offset, end, flags)
+
+    async def _write_real_zeroes(self, offset: int, end: int, flags: WriteFlags) -> None:
+        if flags & WriteFlags.NO_FALLBACK:
+            raise OSError(errno.ENOTSUP, "qcow2: fast zeroing not possible here")
+        zero = memoryview(bytes(min(end - offset, 4 * MiB)))
+        pos = offset
+        while pos < end:
+            n = min(len(zero), end - pos)
+            await self._write(pos, zero[:n])
+            pos += n
+
+    async def _zero_clusters(self, c0: int, nbytes: int, flags: WriteFlags, dealloc: bool) -> None:
+        """Mark whole clusters zero (v3) or unallocated (*dealloc*), table by table."""
+        m = self._m
+        n_total = nbytes >> self.cluster_bits
+        cend = c0 + n_total
+        c = c0
+        unmap_all = bool(flags & WriteFlags.MAY_UNMAP)
+        while c < cend:
+            async with self.lock:
+                c_stop = min(cend, ((c >> m.l2_bits) + 1) << m.l2_bits)
+                while await self._wait_inflight(c, c_stop):
+                    pass
+                ents = await m.entries(c, c_stop - c)
+                if dealloc and not m.l2_offset(c >> m.l2_bits):
+                    c = c_stop
+                    continue
+                new: list[int] = []
+                for e in ents:
+                    kind = cluster_type(e)
+                    if dealloc:
+                        new.append(0)
+                        self._free_entry(e, discard=True)
+                    elif kind in (NORMAL, ZERO_ALLOC) and not unmap_all and e & OFLAG_COPIED:
+                        new.append((e & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO)
+                    else:
+                        new.append(OFLAG_ZERO)
+                        self._free_entry(e, discard=unmap_all)
+                if list(ents) != new:
+                    await m.set_entries(c, new)
+                if self._pending_free_bytes > _PENDING_FREE_LIMIT and not self._reads:
+                    await self._sync_metadata()
+                c = c_stop
+
+    async def pdiscard(self, offset: int, nbytes: int) -> None:
+        end = offset + nbytes
+        a0, a1 = self._aligned_part(offset, end)
+        if a0 >= a1:
+            return  # discard is advisory: partial clusters stay as they are
+        assert self.hdr is not None
+        m = self._m
+        v3 = self.hdr.version >= 3
+        if not v3 and self.node.backing is not None:
+            return  # without the zero flag, discarding would expose the backing file's data
+        c = a0 >> self.cluster_bits
+        cend = a1 >> self.cluster_bits
+        while c < cend:
+            async with self.lock:
+                back = self.node.backing is not None
+                c_stop = min(cend, ((c >> m.l2_bits) + 1) << m.l2_bits)
+                while await self._wait_inflight(c, c_stop):
+                    pass
+                if not m.l2_offset(c >> m.l2_bits) and not (v3 and back):
+                    c = c_stop
+                    continue
+                ents = await m.entries(c, c_stop - c)
+                new: list[int] = []
+                for e in ents:
+                    if cluster_type(e) == UNALLOCATED and not back:
+                        new.append(e)
+                        continue
+                    new.append(OFLAG_ZERO if v3 else 0)
+                    self._free_entry(e, discard=True)
+                if list(ents) != new:
+                    await m.set_entries(c, new)
+                if self._pending_free_bytes > _PENDING_FREE_LIMIT and not self._reads:
+                    await self._sync_metadata()
+                c = c_stop
+
+    # -- status --------------------------------------------------------------------------------
+    async def block_status(self, offset: int, nbytes: int) -> Extent:
+        async with self.lock:
+            m = self._m
+            c0 = offset >> self.cluster_bits
+            ents = await m.entries(c0, 1)
+            kind = cluster_type(ents[0])
+            runs = await self._runs(offset, offset + nbytes)
+        run = runs[0]
+        if kind == UNALLOCATED:
+            return Extent(offset, run.length, BlockStatus(0))
+        if kind == ZERO_PLAIN:
+            return Extent(offset, run.length, BlockStatus.ZERO | BlockStatus.ALLOCATED)
+        if kind == ZERO_ALLOC:
+            # Runs fold zero clusters together; report allocated-zero clusters one by one
+            # so the host offset stays exact.
+            length = min(run.length, self.cluster_size - (offset & (self.cluster_size - 1)))
+            host = (ents[0] & L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
+            return Extent(
+                offset, length,
+                BlockStatus.ZERO | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
+                map_node=self.file, map_offset=host,
+            )
+        if kind == COMPRESSED:
+            return Extent(offset, run.length, BlockStatus.DATA | BlockStatus.ALLOCATED)
+        return Extent(
+            offset, run.length,
+            BlockStatus.DATA | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
+            map_node=self.file, map_offset=run.host,
+        )
+
+    # -- resize --------------------------------------------------------------------------------
+    async def truncate(self, size: int, exact: bool, prealloc: str) -> None:
+        if size % 512:
+            raise QmpError("The new size must be a multiple of 512")
+        old = self.size
+        if size < old:
+            raise QmpError("qcow2: shrinking images is not supported by blockd")
+        if prealloc not in ("off", "metadata", "falloc", "full"):
+            raise QmpError(f"Unsupported preallocation mode '{prealloc}'")
+        if size == old:
+            return
+        await self._grow(size, exact=True)
+        if prealloc != "off":
+            await self.preallocate_metadata(old, size, file_prealloc=prealloc)
+        back = self.node.backing
+        if back is not None and back.length > old:
+            # The new area must read as zeroes, not as what the backing has there.
+            await self.pwrite_zeroes(old, min(size, back.length) - old, WriteFlags.NONE)
+
+    async def _grow(self, size: int, exact: bool) -> None:
+        m = self._m
+        async with self.lock:
+            await self._sync_metadata(force_frees=True)
+            need = -(-size // (self.cluster_size << m.l2_bits))
+            if need > m.l1_size:
+                try:
+                    await m.grow_l1(need, exact)
+                except OSError as exc:
+                    raise QmpError(
+                        f"Could not resize image: Failed to grow the L1 table: {exc.strerror}"
+                    ) from None
+            await self.write_header(OFF_SIZE, struct.pack(">Q", size))
+            await self.sync()
+            assert self.hdr is not None
+            self.hdr.size = size
+            self.size = size
+
+    async def preallocate_metadata(self, start: int, end: int, file_prealloc: str = "off") -> None:
+        """Give every guest cluster in [start, end) a host cluster (QEMU's preallocate_co
+        for ``preallocation=metadata``): L2 table, then that table's data clusters; the file
+        then grows to cover them (``falloc``/``full`` also reserve or write that space)."""
+        m = self._m
+        cb = self.cluster_bits
+        c = start >> cb
+        cend = -(-end >> cb)
+        last_end = 0
+        while c < cend:
+            async with self.lock:
+                c_stop = min(cend, ((c >> m.l2_bits) + 1) << m.l2_bits)
+                ents = await m.entries(c, c_stop - c)
+                todo = [i for i, e in enumerate(ents) if cluster_type(e) == UNALLOCATED]
+                if todo:
+                    await m.writable_table(c >> m.l2_bits)
+                    # Runs of unallocated clusters get one contiguous host run each.
+                    i = 0
+                    while i < len(todo):
+                        j = i + 1
+                        while j < len(todo) and todo[j] == todo[j - 1] + 1:
+                            j += 1
+                        host = await self._r.alloc(j - i)
+                        await m.set_entries(
+                            c + todo[i],
+                            [(host + k * self.cluster_size) | OFLAG_COPIED for k in range(j - i)],
+                        )
+                        last_end = max(last_end, host + (j - i) * self.cluster_size)
+                        i = j
+                c = c_stop
+        async with self.lock:
+            await self._sync_metadata()
+            if file_prealloc != "off":
+                await self._trim_file()
+            if last_end > self.file.length:
+                await self.file.truncate(last_end, prealloc=file_prealloc)
+            self._written_end = max(self._written_end, last_end)
+
+    # -- reporting -----------------------------------------------------------------------------
+    def filename(self) -> str:
+        if "file" in self.node.children:
+            return str(self.file.filename)
+        return super().filename()
+
+    def image_info(self) -> dict[str, Any]:
+        hdr = self.hdr
+        if hdr is None:
+            return {}
+        data: dict[str, Any]
+        if hdr.version >= 3:
+            data = {
+                "compat": "1.1",
+                "compression-type": COMPRESSION_NAMES.get(hdr.compression_type, "zlib"),
+                "lazy-refcounts": bool(hdr.compatible_features & COMPAT_LAZY_REFCOUNTS),
+                "refcount-bits": hdr.refcount_bits,
+                "corrupt": bool(hdr.incompatible_features & INCOMPAT_CORRUPT),
+                "extended-l2": False,
+            }
+        else:
+            data = {"compat": "0.10", "refcount-bits": hdr.refcount_bits}
+        info: dict[str, Any] = {
+            "cluster-size": hdr.cluster_size,
+            "dirty-flag": bool(hdr.incompatible_features & INCOMPAT_DIRTY),
+            "format-specific": {"type": "qcow2", "data": data},
+        }
+        if self.backing_file_name:
+            info["backing-filename"] = self.backing_file_name
+            if self.full_backing_file_name:
+                info["full-backing-filename"] = self.full_backing_file_name
+        if self.backing_format:
+            info["backing-filename-format"] = self.backing_format
+        return info
+
+    def actual_size(self) -> int | None:
+        if "file" not in self.node.children:
+            return None
+        return self.file.driver.actual_size()
+
+    def has_zero_init(self) -> bool:
+        return self.node.backing is None
+
+    # -- blockdev-create -----------------------------------------------------------------------
+    @staticmethod
+    async def create(options: Any, graph: BlockGraph) -> None:
+        from blockd.block.drivers.qcow2.create import create_image
+
+        await create_image(options, graph)
+
+
+def _merge_clusters(frees: list[tuple[int, int]], cluster_bits: int) -> list[tuple[int, int]]:
+    """Byte ranges to (first cluster, count) runs, adjacent runs joined. Overlapping ranges
+    stay apart: two compressed clusters sharing a host cluster each hold a reference."""
+    runs = sorted(
+        (off >> cluster_bits, ((off + n - 1) >> cluster_bits) - (off >> cluster_bits) + 1)
+        for off, n in frees
+    )
+    out: list[tuple[int, int]] = []
+    for first, count in runs:
+        if out and out[-1][0] + out[-1][1] == first:
+            out[-1] = (out[-1][0], out[-1][1] + count)
+        else:
+            out.append((first, count))
+    return out
+
+
+async def _probe_format(path: str) -> str:
+    """qcow2 or raw, by the magic at the start of *path* (QEMU's bdrv_probe_all, the two
+    formats blockd has)."""
+
+    def peek() -> bytes:
+        with open(path, "rb") as f:
+            return f.read(4)
+
+    try:
+        magic = await run_blocking(peek)
+    except (OSError, ValueError):
+        return "raw"  # let the file driver report why it cannot be opened
+    if len(magic) == 4 and struct.unpack(">I", magic)[0] == MAGIC:
+        return "qcow2"
+    return "raw"

@@ -1,0 +1,1 @@
+"""The block-copy engine shared by backup (and later mirror, stream and commit)."""

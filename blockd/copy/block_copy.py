@@ -1,0 +1,358 @@
+"""The block-copy engine (QEMU's block/block-copy.c): copies the dirty clusters of a copy
+bitmap from a source node to a target node.
+
+It is shared on purpose. A backup job runs :meth:`BlockCopy.run` in the background over the
+whole disk while its copy-before-write hook calls :meth:`BlockCopy.copy` inline for each guest
+write; both draw from the same bitmap and the same list of in-flight tasks, so a cluster is
+copied exactly once, and the old data of a cluster always reaches the target before a guest
+write may change it. Mirror, stream and commit can reuse the same engine with their own bitmaps.
+
+Rules, as in QEMU:
+
+* A task claims a run of dirty clusters by **clearing their bits first** and registering itself
+  as in flight; if it fails it sets the bits again, so nothing is lost and a later call retries.
+* A caller that meets a range already in flight **waits** for that task and then looks at the
+  bitmap again ("if it succeeds it helps us, if it fails we retry").
+* Block status decides the method per task: zero ranges become ``write_zeroes(MAY_UNMAP)`` on
+  the target (keeps qcow2 targets sparse), unallocated ranges are skipped when
+  ``skip_unallocated`` is set (sync=top), everything else is read and written.
+* Data moves in merged chunks of at least 1 MiB with several tasks in flight; zero ranges are
+  written in much larger pieces because they cost no buffer.
+
+Reads of the source bypass the source node's own request tracking: the copy-before-write hook
+runs *inside* a guest write request on that node, and a serialising request (write-zeroes,
+unaligned write) would otherwise wait for itself. Correctness comes from the cluster bookkeeping
+here instead: a cluster is only read while no write to it can pass the hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from blockd.bitmap.hbitmap import HBitmap
+from blockd.block.driver import WriteFlags
+from blockd.block.status import BlockStatus
+
+if TYPE_CHECKING:
+    from blockd.block.node import BlockNode
+
+log = logging.getLogger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+#: Smallest copy granule (BLOCK_COPY_CLUSTER_SIZE_DEFAULT).
+MIN_CLUSTER = 64 * KiB
+#: Bytes per data task when no speed limit applies: big enough to amortise the thread-pool hop.
+DEFAULT_CHUNK = 4 * MiB
+#: Bytes per data task under a speed limit (QEMU's 1 MiB BLOCK_COPY_MAX_BUFFER), so progress
+#: and throttling move in the same steps as qemu-storage-daemon's.
+LIMITED_CHUNK = 1 * MiB
+#: Bytes per write-zeroes task: no buffer is involved.
+ZERO_CHUNK = 1 * GiB
+#: Tasks in flight per background call unless x-perf says otherwise.
+DEFAULT_WORKERS = 8
+
+
+def cluster_size_for(target: BlockNode) -> int:
+    """The copy granule: at least 64 KiB, at least the target's cluster (QEMU's
+    block_copy_calculate_cluster_size), so a copied cluster never half-fills a target cluster."""
+    cluster = getattr(target.driver, "cluster_size", None)
+    if isinstance(cluster, int) and cluster > MIN_CLUSTER:
+        return cluster
+    return MIN_CLUSTER
+
+
+class BlockCopyError(Exception):
+    """A task failed; *is_read* tells whether reading the source or writing the target did."""
+
+    def __init__(self, err: int, is_read: bool) -> None:
+        super().__init__(err, "read" if is_read else "write")
+        self.errno = err
+        self.is_read = is_read
+
+
+class Pacer(Protocol):
+    """What a background call needs from its job: a speed limit that is also a pause point."""
+
+    def rate_limited(self) -> bool: ...
+
+    async def pace(self, nbytes: int) -> None: ...
+
+
+@dataclass(eq=False)
+class _Task:
+    start: int
+    end: int
+    zero: bool
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class BlockCopy:
+    """Copy state for one (source, target) pair (QEMU's BlockCopyState).
+
+    The nodes are not owned: the caller holds them with suitable permissions and keeps them
+    open while the engine is used.
+
+    **Runs in:** the event loop. **Concurrency:** any number of :meth:`copy` and :meth:`run`
+    calls may overlap; they coordinate through ``copy_bitmap`` and the in-flight list, which are
+    only changed between awaits.
+    """
+
+    def __init__(
+        self,
+        source: BlockNode,
+        target: BlockNode,
+        *,
+        cluster_size: int | None = None,
+        skip_unallocated: bool = False,
+        max_chunk: int = 0,
+        write_flags: WriteFlags = WriteFlags.NONE,
+        on_progress: Callable[[int], None] | None = None,
+        on_skip: Callable[[int], None] | None = None,
+    ) -> None:
+        # -- immutable after init
+        self.source = source
+        self.target = target
+        self.cluster_size = cluster_size or cluster_size_for(target)
+        self.len = source.length
+        self.max_chunk = max_chunk
+        self.write_flags = write_flags
+        self.on_progress = on_progress or (lambda n: None)
+        self.on_skip = on_skip or (lambda n: None)
+        # -- changes while running (event loop only)
+        self.skip_unallocated = skip_unallocated
+        #: Bits still to copy.
+        self.copy_bitmap = HBitmap(self.len, self.cluster_size)
+        self._inflight: list[_Task] = []
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _align(self, offset: int, nbytes: int) -> tuple[int, int]:
+        cs = self.cluster_size
+        start = offset - offset % cs
+        end = min(-(-(offset + nbytes) // cs) * cs, self.len)
+        return start, end
+
+    def _chunk(self, limited: bool) -> int:
+        chunk = LIMITED_CHUNK if limited else DEFAULT_CHUNK
+        if self.max_chunk:
+            chunk = min(chunk, self.max_chunk)
+        return max(chunk - chunk % self.cluster_size, self.cluster_size)
+
+    def _overlapping(self, start: int, end: int) -> _Task | None:
+        for t in self._inflight:
+            if t.start < end and start < t.end:
+                return t
+        return None
+
+    async def _status(self, offset: int, nbytes: int) -> tuple[str, int]:
+        """("skip" | "zero" | "data", length) for the range from *offset*, length rounded to
+        whole clusters (a sub-cluster answer is treated as data, as QEMU does)."""
+        cs = self.cluster_size
+        try:
+            if self.skip_unallocated:
+                ext = await self.source.block_status(offset, nbytes)
+                if not ext.flags & BlockStatus.ALLOCATED and not ext.flags & BlockStatus.EOF:
+                    kind = "skip"
+                else:
+                    ext = await self.source.block_status_above(offset, nbytes, None)
+                    kind = "zero" if ext.flags & BlockStatus.ZERO else "data"
+            else:
+                ext = await self.source.block_status_above(offset, nbytes, None)
+                kind = "zero" if ext.flags & BlockStatus.ZERO else "data"
+            length = ext.length
+        except OSError:
+            return "data", min(nbytes, cs)
+        if length <= 0:
+            return "data", min(nbytes, cs)
+        if offset + length < self.len:
+            length -= (offset + length) % cs
+            if length < cs:
+                return "data", min(nbytes, cs)
+        return kind, min(length, nbytes)
+
+    async def _claim(self, start: int, end: int, limited: bool) -> _Task | bool | None:
+        """Claim the next dirty run in ``[start, end)`` as a task.
+
+        Returns the task, True when a run was skipped as unallocated (bits cleared, progress
+        total reduced), or None when nothing in the range is dirty right now.
+        """
+        bm = self.copy_bitmap
+        area = bm.next_dirty_area(start, end)
+        if area is None:
+            return None
+        pos, n = area
+        kind, slen = await self._status(pos, n)
+        # Re-check after the await: another caller may have claimed some clusters meanwhile.
+        if not bm.get(pos):
+            return True
+        lim = slen if kind != "data" else min(slen, self._chunk(limited))
+        if kind == "zero":
+            lim = min(lim, ZERO_CHUNK)
+        stop = bm.next_clear(pos, pos + lim)
+        stop = pos + lim if stop < 0 else stop
+        bm.reset(pos, stop - pos)
+        if kind == "skip":
+            self.on_skip(stop - pos)
+            return True
+        task = _Task(pos, stop, kind == "zero")
+        self._inflight.append(task)
+        return task
+
+    async def _read_source(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
+        node = self.source
+        limits = node.driver.limits
+        align = limits.request_alignment
+        if offset + nbytes > node.length or (align > 1 and (offset % align or nbytes % align)):
+            return await node.read(offset, nbytes)  # odd tail: the checked path
+        maxt = limits.max_transfer
+        if not maxt or nbytes <= maxt:
+            return await node.driver.preadv(offset, nbytes)
+        out = bytearray(nbytes)
+        for pos in range(0, nbytes, maxt):
+            n = min(maxt, nbytes - pos)
+            out[pos : pos + n] = await node.driver.preadv(offset + pos, n)
+        return out
+
+    async def _run_task(self, task: _Task) -> None:
+        """Copy one claimed task; on failure give its clusters back to the bitmap."""
+        is_read = False
+        try:
+            if task.zero:
+                await self.target.write_zeroes(task.start, task.nbytes, WriteFlags.MAY_UNMAP)
+            else:
+                is_read = True
+                data = await self._read_source(task.start, task.nbytes)
+                is_read = False
+                await self.target.write(task.start, data, self.write_flags)
+        except OSError as exc:
+            self.copy_bitmap.set(task.start, task.nbytes)
+            err = exc.errno or errno.EIO
+            log.debug("block-copy %s..%s failed (%s): %s", task.start, task.end, is_read, exc)
+            raise BlockCopyError(err, is_read) from exc
+        except BaseException:
+            self.copy_bitmap.set(task.start, task.nbytes)
+            raise
+        else:
+            self.on_progress(task.nbytes)
+        finally:
+            self._inflight.remove(task)
+            task.done.set()
+
+    # -- the two kinds of calls ------------------------------------------------------------
+    async def copy(self, offset: int, nbytes: int) -> None:
+        """Make sure every cluster touched by ``[offset, offset+nbytes)`` has reached the
+        target (copy-before-write). Waits for tasks already copying those clusters.
+
+        :raise BlockCopyError: when a copy this call made failed (the write must fail too).
+        """
+        start, end = self._align(offset, nbytes)
+        while start < end:
+            busy = self._overlapping(start, end)
+            if busy is not None:
+                await busy.done.wait()
+                continue
+            got = await self._claim(start, end, limited=False)
+            if got is None:
+                if self._overlapping(start, end) is None:
+                    return
+                continue
+            if isinstance(got, _Task):
+                await self._run_task(got)
+
+    async def run(
+        self, offset: int, nbytes: int, *, max_workers: int = DEFAULT_WORKERS, pacer: Pacer
+    ) -> None:
+        """Copy everything dirty in the range with up to *max_workers* tasks in flight.
+
+        The pacer is consulted before each task (speed limit, pause point; a cancelled job
+        raises from it). After the first failure no new task starts; the call then waits for
+        the tasks in flight and raises.
+
+        :raise BlockCopyError: the first failure; its clusters are dirty again.
+        """
+        end = min(offset + nbytes, self.len)
+        tasks: set[asyncio.Task[None]] = set()
+        failure: BlockCopyError | None = None
+        pos = offset
+
+        def reap(done: set[asyncio.Task[None]]) -> None:
+            nonlocal failure
+            for t in done:
+                tasks.discard(t)
+                exc = t.exception()
+                if exc is not None and failure is None:
+                    failure = (
+                        exc if isinstance(exc, BlockCopyError) else BlockCopyError(errno.EIO, False)
+                    )
+
+        try:
+            while failure is None:
+                if tasks and len(tasks) >= max_workers:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    reap(done)
+                    continue
+                peek = self.copy_bitmap.next_dirty_area(pos, end)
+                if peek is None:
+                    if tasks:
+                        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                        reap(done)
+                        continue
+                    if self.copy_bitmap.next_dirty(offset, end) >= 0:
+                        pos = offset  # bits given back by a failed copy-before-write
+                        continue
+                    other = self._overlapping(offset, end)
+                    if other is None:
+                        return
+                    await other.done.wait()  # a copy-before-write task: it may fail
+                    continue
+                limited = pacer.rate_limited()
+                await pacer.pace(min(peek[1], self._chunk(limited)))
+                got = await self._claim(peek[0], end, limited)
+                if isinstance(got, _Task):
+                    tasks.add(asyncio.create_task(self._run_task(got)))
+                    pos = got.end
+                elif got is True:
+                    continue
+                else:
+                    pos = offset
+        finally:
+            if tasks:
+                done, _ = await asyncio.wait(tasks)
+                reap(done)
+        if failure is not None:
+            raise failure
+
+    async def reset_unallocated(self, pacer: Pacer) -> None:
+        """sync=top: clear every cluster the source's top layer does not allocate, up front,
+        so the job's length is right early (QEMU's block_copy_reset_unallocated loop)."""
+        pos = 0
+        while pos < self.len:
+            await pacer.pace(0)
+            n = min(self.len - pos, ZERO_CHUNK)
+            try:
+                ext = await self.source.block_status(pos, n)
+            except OSError:
+                return
+            length = max(ext.length, 1)
+            start, stop = pos, pos + length
+            if not ext.flags & BlockStatus.ALLOCATED:
+                cs = self.cluster_size
+                a = -(-start // cs) * cs
+                b = stop if stop >= self.len else stop - stop % cs
+                if b > a:
+                    cleared = sum(n for _, n in self.copy_bitmap.dirty_areas(a, b))
+                    self.copy_bitmap.reset(a, b - a)
+                    if cleared:
+                        self.on_skip(cleared)
+            pos = stop

@@ -1,0 +1,406 @@
+"""The backup job (QEMU's block/backup.c, with the checks of blockdev.c's do_backup_common and
+the copy-before-write part of block/copy-before-write.c).
+
+A backup is a point-in-time copy: the target ends up holding the source exactly as it was when
+the job was created. Two things make that true, both built on one :class:`BlockCopy`:
+
+* a **copy-before-write hook** on the source (``BlockNode.before_write_hooks``): before any
+  write reaches the source, the old contents of the clusters it touches are copied to the
+  target (or the write waits for the background task already copying them);
+* a **background loop** that copies every cluster of the copy bitmap that is still dirty.
+
+The sync mode only seeds the copy bitmap: everything (full, none), the top layer's allocated
+clusters (top), or the user's bitmap frozen at job creation (bitmap/incremental). With
+``sync=none`` only the hook copies and the job runs until cancelled.
+
+The user's bitmap follows QEMU's successor protocol: it is frozen when the job is created and
+a successor records new writes; on success (or ``always``) the successor replaces it, on failure
+(or ``never``) it is merged back, so no dirty bit is ever lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from blockd.bitmap.dirty import ALLOW_RO, DEFAULT, DirtyBitmap, find_bitmap
+from blockd.block.driver import WriteFlags
+from blockd.block.graph import MAX_NAME, check_id
+from blockd.block.node import BlockNode, BlockUser
+from blockd.block.perm import Perm
+from blockd.copy.block_copy import DEFAULT_WORKERS, BlockCopy, BlockCopyError, cluster_size_for
+from blockd.errors import QmpError, strerror
+from blockd.job.blockjob import BlockJob
+from blockd.job.core import JobTxn
+from blockd.qapi.job import BlockdevOnError, JobType
+from blockd.qapi.job import JobStatus as S
+
+if TYPE_CHECKING:
+    from blockd.job.manager import JobManager
+
+log = logging.getLogger(__name__)
+
+INT_MAX = 2**31 - 1
+#: Upper bound of tasks in flight whatever x-perf asks (QEMU allows 64).
+MAX_WORKERS = 64
+_BLOCKER = "block device is in use by block job: backup"
+
+
+@dataclass
+class BackupParams:
+    """The arguments of blockdev-backup/drive-backup after QAPI defaults were applied."""
+
+    job_id: str | None
+    sync: str
+    speed: int = 0
+    bitmap: str | None = None
+    bitmap_mode: str | None = None
+    compress: bool = False
+    on_source_error: BlockdevOnError = BlockdevOnError.REPORT
+    on_target_error: BlockdevOnError = BlockdevOnError.REPORT
+    auto_finalize: bool = True
+    auto_dismiss: bool = True
+    filter_node_name: str | None = None
+    #: x-perf max-workers; None: blockd's default (DEFAULT_WORKERS tasks in flight).
+    max_workers: int | None = None
+    max_chunk: int = 0
+    use_copy_range: bool = False
+
+    @classmethod
+    def from_args(cls, args: Any) -> BackupParams:
+        perf = args.x_perf
+        return cls(
+            job_id=args.job_id,
+            sync=args.sync.value,
+            speed=args.speed or 0,
+            bitmap=args.bitmap,
+            bitmap_mode=args.bitmap_mode.value if args.bitmap_mode else None,
+            compress=bool(args.compress),
+            on_source_error=args.on_source_error or BlockdevOnError.REPORT,
+            on_target_error=args.on_target_error or BlockdevOnError.REPORT,
+            auto_finalize=args.auto_finalize is not False,
+            auto_dismiss=args.auto_dismiss is not False,
+            filter_node_name=args.filter_node_name,
+            max_workers=None if perf is None else perf.max_workers,
+            max_chunk=0 if perf is None or perf.max_chunk is None else perf.max_chunk,
+            use_copy_range=bool(perf and perf.use_copy_range),
+        )
+
+
+class BackupJob(BlockJob):
+    """One backup. Created (and its hook installed) by :func:`create_backup_job`; started by
+    the transaction that created it.
+
+    **Runs in:** the event loop; :meth:`run` is the job task, the hook runs in the tasks of
+    whoever writes to the source.
+    """
+
+    job_type = JobType.BACKUP
+
+    def __init__(
+        self,
+        manager: JobManager,
+        job_id: str,
+        source: BlockNode,
+        target: BlockNode,
+        params: BackupParams,
+        bcs: BlockCopy,
+        sync_bitmap: DirtyBitmap | None,
+        *,
+        owns_target: bool = False,
+    ) -> None:
+        super().__init__(
+            manager,
+            job_id,
+            auto_finalize=params.auto_finalize,
+            auto_dismiss=params.auto_dismiss,
+        )
+        # -- immutable after creation
+        self.source = source
+        self.target = target
+        self.sync = params.sync
+        self.bitmap_mode = params.bitmap_mode
+        self.sync_bitmap = sync_bitmap
+        self.bcs = bcs
+        workers = params.max_workers
+        self.max_workers = DEFAULT_WORKERS if workers is None else min(workers, MAX_WORKERS)
+        self.owns_target = owns_target
+        self.on_source_error = params.on_source_error
+        self.on_target_error = params.on_target_error
+        self.user = BlockUser(f"block job '{job_id}'")
+        self.progress_total = bcs.copy_bitmap.count() if sync_bitmap else source.length
+        bcs.on_progress = self._progress
+        bcs.on_skip = self._skip
+        # -- changes while running
+        self._hooked = False
+        self._cleaned = False
+
+    # -- progress (called by the copy engine) -------------------------------------------
+    def _progress(self, nbytes: int) -> None:
+        self.progress_current += nbytes
+
+    def _skip(self, nbytes: int) -> None:
+        self.progress_total = max(self.progress_current, self.progress_total - nbytes)
+
+    # -- Pacer protocol --------------------------------------------------------------------
+    def rate_limited(self) -> bool:
+        return self.speed > 0
+
+    async def pace(self, nbytes: int) -> None:
+        await self.throttle(nbytes)
+
+    # -- setup and teardown --------------------------------------------------------------
+    def install(self) -> None:
+        """Take the nodes, block the target and start copy-before-write. Synchronous, so the
+        point in time is exactly now: no write can slip between seeding and hooking.
+        On error nothing is left attached."""
+        try:
+            self.user.attach(
+                self.source, Perm.CONSISTENT_READ, Perm.all() & ~Perm.RESIZE, name="source"
+            )
+            self.user.attach(self.target, Perm.WRITE, Perm.all() & ~Perm.RESIZE, name="target")
+        except BaseException:
+            self.uninstall()
+            raise
+        self.target.blockers[self] = _BLOCKER
+        self.source.before_write_hooks.append(self._cbw)
+        self._hooked = True
+
+    def uninstall(self) -> None:
+        """Synchronous undo of :meth:`install` for a job that never ran (failed setup).
+        Nodes the job owned are freed by whoever opened them."""
+        self._unhook()
+        for edge in list(self.user.edges):
+            self.user.edges.remove(edge)
+            if edge in edge.node.parents:
+                edge.node.parents.remove(edge)
+                edge.node.perms_changed()
+
+    async def _cbw(self, node: BlockNode, offset: int, nbytes: int) -> None:
+        """Copy-before-write: the old data must reach the target before the write proceeds;
+        if that fails, the write fails (QEMU's default on-cbw-error=break-guest-write)."""
+        try:
+            await self.bcs.copy(offset, nbytes)
+        except BlockCopyError as exc:
+            raise OSError(exc.errno, strerror(exc.errno)) from exc
+
+    def _unhook(self) -> None:
+        if self._hooked:
+            self._hooked = False
+            if self._cbw in self.source.before_write_hooks:
+                self.source.before_write_hooks.remove(self._cbw)
+            self.target.blockers.pop(self, None)
+
+    # -- job hooks -----------------------------------------------------------------------
+    async def run(self) -> None:
+        if self.sync == "none":
+            while True:  # only copy-before-write works; ends by cancel
+                await self.sleep(3600)
+        if self.sync == "top":
+            await self.bcs.reset_unallocated(self)
+        while True:
+            try:
+                await self.bcs.run(0, self.bcs.len, max_workers=self.max_workers, pacer=self)
+                return
+            except BlockCopyError as exc:
+                action = self.error_action(exc.is_read, exc.errno)
+                if action == "report":
+                    raise OSError(exc.errno, strerror(exc.errno)) from exc
+                if action == "stop":
+                    await self.pause_point()
+                # ignore, or resumed after stop: retry what is still dirty
+
+    async def commit(self) -> None:
+        self._resolve_sync_bitmap(success=True)
+
+    async def abort(self) -> None:
+        self._resolve_sync_bitmap(success=False)
+
+    def _resolve_sync_bitmap(self, success: bool) -> None:
+        """QEMU's backup_cleanup_sync_bitmap: abdicate or reclaim per bitmap-mode."""
+        bm = self.sync_bitmap
+        if bm is None or bm.successor is None:
+            return
+        mode = self.bitmap_mode
+        sync = (success or mode == "always") and mode != "never"
+        bm = bm.abdicate() if sync else bm.reclaim()
+        if not success and mode == "always":
+            bm.merge_from(self.bcs.copy_bitmap)  # what was not copied stays dirty
+        self.sync_bitmap = bm
+
+    async def clean(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
+        self._unhook()
+        await self.user.detach_all()
+
+    async def user_cancel(self, force: bool) -> None:
+        """QEMU enters an idle (sleeping) job's coroutine right inside the cancel command, so
+        a throttled or sync=none backup finishes before the reply; do the same by waiting for
+        the job here when it was idle. A job busy with I/O, or paused, answers first."""
+        idle = self.started and not self.busy and not self.paused
+        await super().user_cancel(force)
+        task = self.task
+        if idle and task is not None and not task.done():
+            await asyncio.wait({task}, timeout=5)
+
+    # -- transaction support -------------------------------------------------------------
+    def start_drained(self) -> None:
+        """Start inside a transaction's drained section: QSD shows ``running`` then
+        ``paused`` for each new job, and ``running`` again when the drain ends
+        (:meth:`end_drain`). The coroutine is only created then, so jobs begin work in the
+        order the drain releases them, as in QEMU."""
+        self.started = True
+        self.busy = True
+        self._transition(S.RUNNING)
+        self._transition(S.PAUSED)
+
+    def end_drain(self) -> None:
+        if self.status == S.PAUSED and self.task is None:
+            self._transition(S.RUNNING)
+            self.task = asyncio.create_task(self._main(), name=f"job-{self.id}")
+
+
+def _check_bitmap_args(source: BlockNode, p: BackupParams) -> DirtyBitmap | None:
+    """blockdev.c's do_backup_common: the sync/bitmap/bitmap-mode combinations, in QEMU's
+    order and words. Desugars incremental into bitmap + on-success."""
+    if p.sync in ("bitmap", "incremental") and p.bitmap is None:
+        raise QmpError(f"must provide a valid bitmap name for '{p.sync}' sync mode")
+    if p.sync == "incremental":
+        if p.bitmap_mode is not None and p.bitmap_mode != "on-success":
+            raise QmpError(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"
+            )
+        p.sync, p.bitmap_mode = "bitmap", "on-success"
+    bm: DirtyBitmap | None = None
+    if p.bitmap is not None:
+        bm = find_bitmap(source, p.bitmap)
+        if bm is None:
+            raise QmpError(f"Bitmap '{p.bitmap}' could not be found")
+        if p.bitmap_mode is None:
+            raise QmpError("Bitmap sync mode must be given when providing a bitmap")
+        bm.check(ALLOW_RO)
+        if p.sync == "none":
+            raise QmpError("sync mode 'none' does not produce meaningful bitmap outputs")
+        if p.bitmap_mode == "never" and p.sync != "bitmap":
+            raise QmpError(
+                f"Bitmap sync mode 'never' has no meaningful effect when combined with sync "
+                f"mode '{p.sync}'"
+            )
+    elif p.bitmap_mode is not None:
+        raise QmpError("Cannot specify bitmap sync mode without a bitmap")
+    return bm
+
+
+def _check_filter_name(graph: Any, name: str | None) -> None:
+    """The filter node QEMU would insert is not a node here (copy-before-write is a hook), but
+    its name is validated as QEMU does so scripts see the same errors."""
+    if name is None:
+        return
+    try:
+        check_id(name)
+        if len(name) > MAX_NAME:
+            raise QmpError("Node name too long")
+        if graph.find(name) is not None:
+            raise QmpError(f"Duplicate nodes with node-name='{name}'")
+    except QmpError as exc:
+        raise QmpError(f"Could not create node: {exc.desc}") from None
+
+
+def create_backup_job(
+    manager: JobManager,
+    graph: Any,
+    source: BlockNode,
+    target: BlockNode,
+    params: BackupParams,
+    txn: JobTxn | None,
+    *,
+    owns_target: bool = False,
+) -> BackupJob:
+    """Validate, freeze the bitmap, install copy-before-write and create the job
+    (``created``), all in QEMU's order so the first error is QEMU's. Not started.
+
+    **Raises** QmpError; on error nothing is left behind (successor reclaimed, hook removed).
+    """
+    p = params
+    bm = _check_bitmap_args(source, p)
+    # backup_job_create()
+    if source is target:
+        raise QmpError("Source and target cannot be the same")
+    if p.compress and not getattr(target.driver, "supports_compressed_writes", False):
+        raise QmpError(f"Compression is not supported for this drive {_device_name(target)}")
+    source.check_not_busy()
+    target.check_not_busy()
+    if p.max_workers is not None and not 1 <= p.max_workers <= INT_MAX:
+        raise QmpError(f"max-workers must be between 1 and {INT_MAX}")
+    if p.max_chunk < 0:
+        raise QmpError("max-chunk must be zero (which means no limit) or positive")
+    if bm is not None and p.bitmap_mode != "never":
+        bm.check(DEFAULT)
+    successor_made = False
+    job: BackupJob | None = None
+    try:
+        if bm is not None:
+            bm.create_successor()
+            successor_made = True
+        if source.length != target.length:
+            raise QmpError("Source and target image have different sizes")
+        _check_filter_name(graph, p.filter_node_name)
+        cluster = cluster_size_for(target)
+        if p.max_chunk and p.max_chunk < cluster:
+            raise QmpError(
+                f"Required max-chunk ({p.max_chunk}) is less than backup cluster size ({cluster})"
+            )
+        flags = WriteFlags.NONE
+        if p.compress:
+            flags |= WriteFlags(getattr(WriteFlags, "COMPRESSED", 0))
+        bcs = BlockCopy(
+            source,
+            target,
+            cluster_size=cluster,
+            skip_unallocated=p.sync == "top",
+            max_chunk=p.max_chunk,
+            write_flags=flags,
+        )
+        if bm is not None:
+            bcs.copy_bitmap.merge(bm.hb)
+        else:
+            bcs.copy_bitmap.set_all()
+        job = BackupJob(
+            manager, p.job_id or "", source, target, p, bcs, bm, owns_target=owns_target
+        )
+        try:
+            job.install()
+        except QmpError as exc:
+            if exc.desc == "Block node is read-only":
+                raise QmpError(f"Could not create node: {exc.desc}") from None
+            raise
+        manager.check_new_id(p.job_id)
+    except BaseException:
+        if job is not None:
+            job.uninstall()
+        if successor_made and bm is not None:
+            bm.reclaim()
+        raise
+    job.create(txn)
+    if p.speed:
+        try:
+            job.set_speed(p.speed)
+        except QmpError:
+            # QSD: ``created``, then ``null``, then the error; the job never ran.
+            job.uninstall()
+            if bm is not None:
+                bm.reclaim()
+            if job.txn is not None and job in job.txn.jobs:
+                job.txn.jobs.remove(job)
+            job.dismiss()
+            raise
+    return job
+
+
+def _device_name(node: BlockNode) -> str:
+    """QEMU prints the BlockBackend name here, which nodes in QSD never have."""
+    return ""

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Full-backup throughput and peak memory: blockd against qemu-storage-daemon on the same images.
+
+Images (in --dir, default a fresh temporary directory):
+
+* ``dense``: 1 GiB of random data (raw);
+* ``sparse``: a 64 GiB sparse raw image holding 1 GiB of random data in 64 extents of 16 MiB;
+* the same two as qcow2 when blockd has the qcow2 driver (qcow2 -> qcow2).
+
+Each case runs ``blockdev-backup sync=full`` onto a fresh empty target of the same format,
+alternating blockd and QSD for --rounds rounds, timing from the command to
+BLOCK_JOB_COMPLETED. Peak memory is the daemon's VmHWM (peak RSS) read from /proc when the
+job has finished. Prints one line per case with the best time of each daemon and the ratio.
+
+Usage: ``.venv/bin/python scripts/bench_backup.py [--rounds 2] [--dir DIR] [--keep]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class Qmp:
+    """Blocking QMP client that waits for one event."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(path))
+        self.buf = b""
+        self.recv()
+        self.cmd("qmp_capabilities")
+
+    def recv(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("daemon closed the connection")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return dict(json.loads(line))
+
+    def cmd(self, execute: str, args: dict[str, Any] | None = None) -> Any:
+        msg: dict[str, Any] = {"execute": execute}
+        if args is not None:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode())
+        while True:
+            m = self.recv()
+            if "event" in m:
+                self.last_event = m
+                continue
+            if "error" in m:
+                raise RuntimeError(f"{execute}: {m['error']['desc']}")
+            return m["return"]
+
+    def wait_event(self, name: str) -> dict[str, Any]:
+        ev = getattr(self, "last_event", None)
+        if ev is not None and ev["event"] == name:
+            return ev
+        while True:
+            m = self.recv()
+            if m.get("event") == name:
+                return m
+
+
+def wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(1000):
+        if proc.poll() is not None:
+            raise RuntimeError("daemon exited")
+        if path.exists():
+            return
+        time.sleep(0.01)
+    raise RuntimeError("no socket")
+
+
+def start(kind: str, d: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    sock = d / f"{kind}.sock"
+    if sock.exists():
+        sock.unlink()
+    log = open(d / f"{kind}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    if kind == "blockd":
+        cmd = [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", "warning"]
+    else:
+        cmd = ["qemu-storage-daemon", "--chardev", f"socket,path={sock},server=on,wait=off,id=m",
+               "--monitor", "chardev=m"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    wait_socket(sock, proc)
+    return proc, sock
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def node(name: str, path: Path, fmt: str) -> dict[str, Any]:
+    return {"driver": fmt, "node-name": name,
+            "file": {"driver": "file", "filename": str(path)}}
+
+
+def make_images(d: Path, with_qcow2: bool) -> list[tuple[str, Path, str, int]]:
+    cases = []
+    dense = d / "dense.raw"
+    if not dense.exists():
+        with open(dense, "wb") as f:
+            for _ in range(1024):
+                f.write(os.urandom(MiB))
+    cases.append(("1 GiB dense raw", dense, "raw", GiB))
+    sparse = d / "sparse.raw"
+    if not sparse.exists():
+        with open(sparse, "wb") as f:
+            f.truncate(64 * GiB)
+            for i in range(64):
+                f.seek(i * GiB + 3 * MiB)
+                for _ in range(16):
+                    f.write(os.urandom(MiB))
+    cases.append(("64 GiB sparse raw (1 GiB data)", sparse, "raw", 64 * GiB))
+    if with_qcow2:
+        for label, src, size in (("1 GiB dense qcow2", dense, GiB),
+                                 ("64 GiB sparse qcow2 (1 GiB data)", sparse, 64 * GiB)):
+            q = src.with_suffix(".qcow2")
+            if not q.exists():
+                subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-S", "64k",
+                                str(src), str(q)], check=True)
+            cases.append((label, q, "qcow2", size))
+    return cases
+
+
+def make_target(path: Path, fmt: str, size: int) -> None:
+    if path.exists():
+        path.unlink()
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)], check=True)
+
+
+def run_one(kind: str, d: Path, src: Path, fmt: str, size: int) -> tuple[float, float]:
+    tgt = d / f"target.{fmt}"
+    make_target(tgt, fmt, size)
+    subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # warm the cache
+    proc, sock = start(kind, d)
+    try:
+        q = Qmp(sock)
+        q.cmd("blockdev-add", node("src", src, fmt))
+        q.cmd("blockdev-add", node("tgt", tgt, fmt))
+        t0 = time.perf_counter()
+        q.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
+                                  "sync": "full"})
+        ev = q.wait_event("BLOCK_JOB_COMPLETED")
+        elapsed = time.perf_counter() - t0
+        if "error" in ev["data"]:
+            raise RuntimeError(f"{kind}: backup failed: {ev['data']['error']}")
+        rss = peak_rss_mib(proc.pid)
+        q.cmd("quit")
+    finally:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    same = subprocess.run(["qemu-img", "compare", "-q", "-f", fmt, "-F", fmt, str(src), str(tgt)])
+    if same.returncode != 0:
+        raise RuntimeError(f"{kind}: target differs from source")
+    return elapsed, rss
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dir", type=Path)
+    ap.add_argument("--keep", action="store_true", help="keep the images")
+    ap.add_argument("--no-qcow2", action="store_true")
+    args = ap.parse_args()
+    d = args.dir or Path(tempfile.mkdtemp(prefix="bench-backup-"))
+    d.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from blockd.block.driver import driver_class
+
+    with_qcow2 = not args.no_qcow2 and driver_class("qcow2") is not None
+    try:
+        cases = make_images(d, with_qcow2)
+        print(f"{'case':34} {'blockd s':>9} {'qsd s':>7} {'blockd MiB/s':>13} "
+              f"{'qsd MiB/s':>10} {'ratio':>6} {'blockd RSS':>11} {'qsd RSS':>8}")
+        for label, src, fmt, size in cases:
+            best: dict[str, float] = {"blockd": float("inf"), "qsd": float("inf")}
+            rss: dict[str, float] = {"blockd": 0.0, "qsd": 0.0}
+            for _ in range(args.rounds):
+                for kind in ("blockd", "qsd"):
+                    t, r = run_one(kind, d, src, fmt, size)
+                    best[kind] = min(best[kind], t)
+                    rss[kind] = max(rss[kind], r)
+            data_mib = 1024  # both cases carry 1 GiB of data
+            b, q = best["blockd"], best["qsd"]
+            print(f"{label:34} {b:9.2f} {q:7.2f} {data_mib / b:13.0f} {data_mib / q:10.0f} "
+                  f"{q / b:6.2f} {rss['blockd']:8.0f} MiB {rss['qsd']:4.0f} MiB", flush=True)
+        print("ratio = blockd throughput / QSD throughput (>1: blockd faster)")
+    finally:
+        if not args.keep and args.dir is None:
+            shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
