@@ -67,7 +67,15 @@ class BlockGraph:
         node.monitor_owned = True
         return node
 
-    async def open_node(self, options: Any, inherit_read_only: bool | None = None) -> BlockNode:
+    async def open_node(
+        self,
+        options: Any,
+        inherit_read_only: bool | None = None,
+        inherit_from: BlockNode | None = None,
+    ) -> BlockNode:
+        """Open a node; *inherit_from* is the parent of an inline data child, whose
+        ``discard`` and ``cache`` settings apply where the child sets none (QEMU's
+        bdrv_inherited_options)."""
         name = options.node_name
         if name is not None:
             check_id(name)
@@ -92,15 +100,23 @@ class BlockGraph:
         dz = options.detect_zeroes
         node.detect_zeroes = str(dz.value if dz is not None else "off")
         disc = options.discard
-        node.discard_mode = str(disc.value if disc is not None else "ignore")
+        if disc is not None:
+            node.discard_mode = str(disc.value)
+        elif inherit_from is not None:
+            node.discard_mode = inherit_from.discard_mode
         if node.detect_zeroes == "unmap" and node.discard_mode != "unmap":
             raise QmpError(
                 "setting detect-zeroes to unmap is not allowed without setting discard "
                 "operation to unmap"
             )
+        if inherit_from is not None:
+            node.cache_direct = inherit_from.cache_direct
+            node.cache_no_flush = inherit_from.cache_no_flush
         if options.cache is not None:
-            node.cache_direct = bool(options.cache.direct)
-            node.cache_no_flush = bool(options.cache.no_flush)
+            if options.cache.direct is not None:
+                node.cache_direct = options.cache.direct
+            if options.cache.no_flush is not None:
+                node.cache_no_flush = options.cache.no_flush
         node.options = options.wire()
         try:
             await node.driver.open(options, self)
@@ -132,7 +148,10 @@ class BlockGraph:
                 raise QmpError(f"Cannot find device='{ref}' nor node-name='{ref}'")
         else:
             ro = parent.read_only if inherit_read_only is None else inherit_read_only
-            node = await self.open_node(ref, inherit_read_only=ro)
+            data_child = not role & ChildRole.COW  # backing files inherit none of this
+            node = await self.open_node(
+                ref, inherit_read_only=ro, inherit_from=parent if data_child else None
+            )
         try:
             return self.attach(parent, node, name, role, owned=owned)
         except BaseException:

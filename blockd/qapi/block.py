@@ -226,12 +226,7 @@ class NetworkAddressFamily(QapiEnum):
     FD = "fd"
 
 
-class SocketAddressBase(QapiModel):
-    type: NetworkAddressFamily
-
-
-class InetSocketAddressFlat(SocketAddressBase):
-    type: Literal[NetworkAddressFamily.INET]
+class InetSocketAddress(QapiModel):
     host: str
     port: str
     numeric: bool | None = None
@@ -242,22 +237,41 @@ class InetSocketAddressFlat(SocketAddressBase):
     mptcp: bool | None = None
 
 
-class UnixSocketAddressFlat(SocketAddressBase):
-    type: Literal[NetworkAddressFamily.UNIX]
+class UnixSocketAddress(QapiModel):
     path: str
     abstract: bool | None = None
     tight: bool | None = None
 
 
-class VsockSocketAddressFlat(SocketAddressBase):
-    type: Literal[NetworkAddressFamily.VSOCK]
+class VsockSocketAddress(QapiModel):
     cid: str
     port: str
 
 
-class FdSocketAddressFlat(SocketAddressBase):
-    type: Literal[NetworkAddressFamily.FD]
+class String(QapiModel):
     str: str
+
+
+class SocketAddressBase(QapiModel):
+    type: NetworkAddressFamily
+
+
+# The flat SocketAddress branches are the plain address objects plus the ``type`` tag; the
+# wrapped SocketAddressLegacy (blockd/qapi/export.py) carries the same objects under ``data``.
+class InetSocketAddressFlat(SocketAddressBase, InetSocketAddress):
+    type: Literal[NetworkAddressFamily.INET]
+
+
+class UnixSocketAddressFlat(SocketAddressBase, UnixSocketAddress):
+    type: Literal[NetworkAddressFamily.UNIX]
+
+
+class VsockSocketAddressFlat(SocketAddressBase, VsockSocketAddress):
+    type: Literal[NetworkAddressFamily.VSOCK]
+
+
+class FdSocketAddressFlat(SocketAddressBase, String):
+    type: Literal[NetworkAddressFamily.FD]
 
 
 SocketAddress = flat_union(

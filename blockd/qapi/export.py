@@ -13,36 +13,16 @@ from typing import Literal
 from pydantic import field_validator
 
 from blockd.qapi.base import QapiEnum, QapiModel, alternate, flat_union
-from blockd.qapi.block import NetworkAddressFamily
+from blockd.qapi.block import (
+    InetSocketAddress,
+    NetworkAddressFamily,
+    String,
+    UnixSocketAddress,
+    VsockSocketAddress,
+)
 
 
 # -- SocketAddressLegacy -------------------------------------------------------------------------
-class InetSocketAddress(QapiModel):
-    host: str
-    port: str
-    numeric: bool | None = None
-    to: int | None = None
-    ipv4: bool | None = None
-    ipv6: bool | None = None
-    keep_alive: bool | None = None
-    mptcp: bool | None = None
-
-
-class UnixSocketAddress(QapiModel):
-    path: str
-    abstract: bool | None = None
-    tight: bool | None = None
-
-
-class VsockSocketAddress(QapiModel):
-    cid: str
-    port: str
-
-
-class String(QapiModel):
-    str: str
-
-
 class SocketAddressLegacyBase(QapiModel):
     type: NetworkAddressFamily
 

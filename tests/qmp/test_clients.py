@@ -247,3 +247,37 @@ def test_bad_cli_blockdev_exits_1(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert "Could not open" in res.stderr
     assert not (tmp_path / "s").exists()
+
+
+async def test_inline_file_child_inherits_discard(blockd: Daemon, tmp_path: Path) -> None:
+    """discard=unmap on a format node reaches its inline file child, as in QEMU, so a discard
+    through the raw node punches a hole in the file."""
+    img = tmp_path / "d.raw"
+    qemu_img("create", "-f", "raw", img, "4M")
+    with open(img, "r+b") as f:
+        f.write(b"\x55" * (4 << 20))
+    async with connect(blockd.sock) as (c, _):
+        await c.execute(
+            "blockdev-add",
+            {
+                "driver": "raw",
+                "node-name": "r",
+                "discard": "unmap",
+                "file": {"driver": "file", "filename": str(img)},
+            },
+        )
+        nbd = tmp_path / "nbd.sock"
+        await c.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd)}}})
+        await c.execute(
+            "block-export-add", {"type": "nbd", "id": "e", "node-name": "r", "writable": True}
+        )
+        await asyncio.to_thread(
+            qemu_img, "map", "--output=json", "-f", "raw", f"nbd+unix:///r?socket={nbd}"
+        )
+        from support import qemu_io
+
+        await asyncio.to_thread(
+            qemu_io, "-f", "raw", "-c", "discard 0 1M", f"nbd+unix:///r?socket={nbd}"
+        )
+        await c.execute("block-export-del", {"id": "e"})
+    assert img.stat().st_blocks * 512 <= 3 << 20

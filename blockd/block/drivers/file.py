@@ -57,6 +57,27 @@ def _lock_set(fd: int, byte: int, kind: int) -> None:
     fcntl.fcntl(fd, _F_OFD_SETLK, _flock(kind, byte))
 
 
+def _open_blocking(path: str, flags: int, ro: bool, auto_ro: bool) -> tuple[int, bool, int]:
+    """Open *path* (falling back to read-only when ``auto-read-only`` allows) and return
+    ``(fd, read_only, length)``; errors carry QEMU's "Could not open" text."""
+    try:
+        fd = os.open(path, flags | (os.O_RDONLY if ro else os.O_RDWR))
+    except OSError as exc:
+        if ro or not auto_ro or exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise QmpError(f"Could not open '{path}': {exc.strerror}") from None
+        ro = True
+        try:
+            fd = os.open(path, flags | os.O_RDONLY)
+        except OSError as exc2:
+            raise QmpError(f"Could not open '{path}': {exc2.strerror}") from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise QmpError(f"Could not open '{path}': Is a directory")
+    length = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+    return fd, ro, length
+
+
 def _pread_blocking(fd: int, offset: int, nbytes: int) -> bytes | bytearray:
     data = os.pread(fd, nbytes, offset)
     if len(data) == nbytes:
@@ -119,40 +140,16 @@ class FileDriver(BlockDriver):
         flags = os.O_CLOEXEC
         if self.node.cache_direct:
             flags |= os.O_DIRECT
-        ro = self.node.read_only
-        try:
-            self.fd = os.open(self.path, flags | (os.O_RDONLY if ro else os.O_RDWR))
-        except OSError as exc:
-            if (
-                not ro
-                and self.node.auto_read_only
-                and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
-            ):
-                self.node.read_only = True
-                try:
-                    self.fd = os.open(self.path, flags | os.O_RDONLY)
-                except OSError as exc2:
-                    raise QmpError(f"Could not open '{self.path}': {exc2.strerror}") from None
-            else:
-                raise QmpError(f"Could not open '{self.path}': {exc.strerror}") from None
-        st = os.fstat(self.fd)
-        if stat.S_ISDIR(st.st_mode):
-            os.close(self.fd)
-            self.fd = -1
-            raise QmpError(f"Could not open '{self.path}': Is a directory")
-        self._length = self._query_length()
+        # open() can block for long on network filesystems: it runs in the I/O pool.
+        self.fd, self.node.read_only, self._length = await run_blocking(
+            _open_blocking, self.path, flags, self.node.read_only, self.node.auto_read_only
+        )
         if self.node.cache_direct:
             self.limits.request_alignment = 4096 if self._probe_direct_4k() else 512
         self.limits.max_transfer = 0
 
     def _probe_direct_4k(self) -> bool:
         return True
-
-    def _query_length(self) -> int:
-        st = os.fstat(self.fd)
-        if stat.S_ISBLK(st.st_mode):
-            return os.lseek(self.fd, 0, os.SEEK_END)
-        return st.st_size
 
     async def close(self) -> None:
         if self.fd >= 0:
