@@ -12,6 +12,7 @@ is exact everywhere and ``qemu-img compare`` can check every byte.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 from dataclasses import dataclass
@@ -47,9 +48,14 @@ def check_image(path: str) -> dict[str, Any]:
 
 
 def to_raw(path: str, out: str) -> bytes:
+    """The guest view of *path* as qemu-img sees it; *out* is scratch, removed afterwards
+    because disk is scarce on CI machines."""
     qemu_img("convert", "-O", "raw", path, out)
-    with open(out, "rb") as f:
-        return f.read()
+    try:
+        with open(out, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(out)
 
 
 def options(spec: dict[str, Any]) -> Any:

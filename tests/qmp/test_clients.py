@@ -179,7 +179,7 @@ async def test_disconnect_mid_command_harms_nobody(blockd: Daemon, tmp_path: Pat
         opts = {
             "driver": "file",
             "filename": str(tmp_path / f"d{i}.img"),
-            "size": 16 << 20,
+            "size": 1 << 20,
             "preallocation": "full",
         }
         r.send({"execute": "blockdev-create", "arguments": {"job-id": f"j{i}", "options": opts}})
