@@ -79,7 +79,9 @@ class BlockCopyError(Exception):
 
 
 class Pacer(Protocol):
-    """What a background call needs from its job: a speed limit that is also a pause point."""
+    """What a background call needs from its job: a speed limit that is also a pause point.
+    ``pace(n)`` waits while the bytes counted so far are ahead of the limit (looking again
+    after each wait), then counts *n*; tasks are counted through ``BlockCopy.on_task``."""
 
     def rate_limited(self) -> bool: ...
 
@@ -120,6 +122,7 @@ class BlockCopy:
         write_flags: WriteFlags = WriteFlags.NONE,
         on_progress: Callable[[int], None] | None = None,
         on_skip: Callable[[int], None] | None = None,
+        on_task: Callable[[int], None] | None = None,
     ) -> None:
         # -- immutable after init
         self.source = source
@@ -130,6 +133,10 @@ class BlockCopy:
         self.write_flags = write_flags
         self.on_progress = on_progress or (lambda n: None)
         self.on_skip = on_skip or (lambda n: None)
+        #: Told the size of every task as it starts, background and copy-before-write alike:
+        #: a speed limit counts them all (copy-before-write is never held back, so the
+        #: background copy waits for it instead), as QEMU's block-copy does.
+        self.on_task = on_task or (lambda n: None)
         # -- changes while running (event loop only)
         self.skip_unallocated = skip_unallocated
         #: Bits still to copy.
@@ -198,7 +205,8 @@ class BlockCopy:
             return True
         lim = slen if kind != "data" else min(slen, self._chunk(limited))
         if kind == "zero":
-            lim = min(lim, ZERO_CHUNK)
+            # under a speed limit zero ranges move in the same steps as data
+            lim = min(lim, self._chunk(True) if limited else ZERO_CHUNK)
         stop = bm.next_clear(pos, pos + lim)
         stop = pos + lim if stop < 0 else stop
         bm.reset(pos, stop - pos)
@@ -268,6 +276,7 @@ class BlockCopy:
                     return
                 continue
             if isinstance(got, _Task):
+                self.on_task(got.nbytes)
                 await self._run_task(got)
 
     async def run(
@@ -317,9 +326,10 @@ class BlockCopy:
                     await other.done.wait()  # a copy-before-write task: it may fail
                     continue
                 limited = pacer.rate_limited()
-                await pacer.pace(min(peek[1], self._chunk(limited)))
+                await pacer.pace(0)  # what was copied so far must be within the limit
                 got = await self._claim(peek[0], end, limited)
                 if isinstance(got, _Task):
+                    self.on_task(got.nbytes)
                     tasks.add(asyncio.create_task(self._run_task(got)))
                     pos = got.end
                 elif got is True:

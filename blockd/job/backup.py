@@ -133,6 +133,7 @@ class BackupJob(BlockJob):
         self.progress_total = bcs.copy_bitmap.count() if sync_bitmap else source.length
         bcs.on_progress = self._progress
         bcs.on_skip = self._skip
+        bcs.on_task = self._count_task
         # -- changes while running
         self._hooked = False
         self._cleaned = False
@@ -149,7 +150,22 @@ class BackupJob(BlockJob):
         return self.speed > 0
 
     async def pace(self, nbytes: int) -> None:
-        await self.throttle(nbytes)
+        """In QEMU's block-copy order: wait while the bytes already copied are ahead of the
+        speed limit, looking again after each wait (copy-before-write may have copied more
+        meanwhile), then count *nbytes*. A pause point when there is nothing to wait for."""
+        slept = False
+        while (delay := self.ratelimit.delay_ns(0)) > 0:
+            await self.sleep(delay / 1e9)
+            slept = True
+        if not slept:
+            await self.pause_point()
+        if nbytes:
+            self.ratelimit.delay_ns(nbytes)
+
+    def _count_task(self, nbytes: int) -> None:
+        """Every copy task counts against the speed limit, copy-before-write included; the
+        delay it causes is waited for by the next :meth:`pace`."""
+        self.ratelimit.delay_ns(nbytes)
 
     # -- setup and teardown --------------------------------------------------------------
     def install(self) -> None:
