@@ -239,7 +239,7 @@ def create_bitmap(
     """Add a new, clean bitmap (QEMU's bdrv_create_dirty_bitmap checks and texts)."""
     if find_bitmap(node, name) is not None:
         raise QmpError(f"Bitmap already exists: {name}")
-    if len(name.encode()) > MAX_NAME:
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME:
         raise QmpError(f"Bitmap name too long: {name}")
     bm = DirtyBitmap(node, name, granularity, disabled=disabled, persistent=persistent)
     node.dirty_bitmaps.append(bm)
@@ -256,8 +256,9 @@ def load_bitmap(
     inconsistent: bool = False,
     readonly: bool = False,
 ) -> DirtyBitmap:
-    """For format drivers: register a persistent bitmap found in the image at open."""
-    bm = DirtyBitmap(node, name, granularity, disabled=disabled, persistent=True)
+    """For format drivers: register a persistent bitmap found in the image at open. An
+    inconsistent one never records (QEMU's bdrv_dirty_bitmap_set_inconsistent disables it)."""
+    bm = DirtyBitmap(node, name, granularity, disabled=disabled or inconsistent, persistent=True)
     for off, n in areas:
         bm.hb.set(off, n)
     bm.inconsistent = inconsistent

@@ -29,6 +29,9 @@ class WriteFlags(enum.IntFlag):
     FUA = 0x1
     MAY_UNMAP = 0x2  # write-zeroes may deallocate
     NO_FALLBACK = 0x4  # fast zero: fail with ENOTSUP rather than write real zeroes
+    #: Store whole clusters compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED): only drivers with
+    #: ``supports_compressed_writes`` take it; the request path refuses it for the others.
+    COMPRESSED = 0x8
 
 
 @dataclass(slots=True)
@@ -55,6 +58,8 @@ class BlockDriver:
     supports_backing: ClassVar[bool] = False
     #: Driver has create support for blockdev-create.
     can_create: ClassVar[bool] = False
+    #: Driver takes ``WriteFlags.COMPRESSED`` writes (QEMU's bdrv_co_pwritev_compressed).
+    supports_compressed_writes: ClassVar[bool] = False
 
     def __init__(self, node: BlockNode) -> None:
         self.node = node

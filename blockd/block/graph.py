@@ -206,6 +206,10 @@ class BlockGraph:
             del self.nodes[node.node_name]
         try:
             await node.close()
+        except Exception as exc:
+            # The node is gone either way (as in QEMU, whose close cannot fail): an error
+            # reply would make a client believe it still exists.
+            log.error("closing %s failed: %s", node.node_name, exc)
         finally:
             await self._close_children(node)
         log.info("closed node %s", node.node_name)
@@ -229,6 +233,11 @@ class BlockGraph:
             if any(not isinstance(e.parent, BlockNode) for e in node.parents):
                 raise QmpError(f"Node {name} is in use")
             raise QmpError(f"Block device {name} is in use")
+        store = getattr(node.driver, "store_dirty_bitmaps", None)
+        if store is not None:
+            # Before anything is torn down: if the bitmaps cannot be written, the node stays
+            # (with them) and the user is told, instead of losing them on close.
+            await store()
         node.monitor_owned = False
         await self.maybe_free(node)
 

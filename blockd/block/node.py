@@ -351,12 +351,19 @@ class BlockNode:
                 zflags |= WriteFlags.MAY_UNMAP
             await self.write_zeroes(offset, nbytes, zflags)
             return
+        compressed = bool(flags & WriteFlags.COMPRESSED)
+        if compressed and not self.driver.supports_compressed_writes:
+            raise OSError(errno.ENOTSUP, f"{self.drv}: compressed writes not supported")
         align = self.driver.limits.request_alignment
-        unaligned = align > 1 and (offset % align or nbytes % align)
+        unaligned = align > 1 and (offset % align or nbytes % align) and not compressed
         req = await self._begin(offset, offset + nbytes, True, bool(unaligned))
         try:
             await self._run_hooks(offset, nbytes)
-            if unaligned:
+            if compressed:
+                # Whole clusters in one call, never split or padded: the driver checks the
+                # cluster alignment itself (QEMU's bdrv_driver_pwritev_compressed).
+                await self.driver.pwritev(offset, mv, flags)
+            elif unaligned:
                 await self._write_rmw(offset, mv, flags, align)
             else:
                 maxt = self.driver.limits.max_transfer

@@ -72,6 +72,10 @@ class QmpServer:
             self._tasks.add(task)  # type: ignore[arg-type]
         try:
             await session.run()
+        except asyncio.CancelledError:
+            # Shutdown cancels sessions on purpose; ending quietly keeps Python 3.11's
+            # StreamReaderProtocol callback from logging the cancellation as a crash.
+            pass
         finally:
             self.sessions.discard(session)
             if task is not None:

@@ -313,3 +313,30 @@ def test_kill_9_at_random_moments_never_leaves_wrong_bitmaps(tmp_path: Path, img
     # Kills after a completed store must occur, or the content check never ran (kills
     # before it are the common case; the in-use side is covered by the test above too).
     assert outcomes["stored"] >= 1, outcomes
+
+
+def test_failed_store_is_an_error_and_keeps_node_and_bitmap(tmp_path: Path, img: Path) -> None:
+    """The file fails every flush: blockdev-del must say the bitmaps could not be stored and
+    keep the node (and the bitmap with its bits) instead of closing with them lost."""
+    b = start("blockd", tmp_path)
+    s = Session(b.sock)
+    s.ok("blockdev-add", {
+        "driver": "qcow2", "node-name": "d",
+        "file": {"driver": "blkdebug", "node-name": "dbg",
+                 "inject-error": [{"event": "none", "iotype": "flush", "errno": 5,
+                                   "once": False}],
+                 "image": {"driver": "file", "filename": str(img)}},
+    })
+    s.ok("block-dirty-bitmap-add", {"node": "d", "name": "p", "persistent": True})
+    err = s.err("blockdev-del", {"node-name": "d"})
+    assert err.startswith("Failed to update bitmap extension"), err
+    assert s.bitmap("d", "p")["persistent"]
+    s.ok("block-dirty-bitmap-remove", {"node": "d", "name": "p"})
+    s.cmd("blockdev-del", {"node-name": "d"})  # the close's own flush fails too; either way
+    assert s.ok("query-named-block-nodes") == []
+    s.close()
+    b.stop()
+    assert "Traceback" not in b.log_text()
+    assert image_bitmaps(img) == {}
+    res = check(img)
+    assert not res.get("corruptions") and not res.get("check-errors"), res

@@ -61,6 +61,8 @@ def bitmap_add(graph: BlockGraph, args: BlockDirtyBitmapAdd) -> DirtyBitmap:
     else:
         granularity = default_granularity(node)
     if args.persistent:
+        if find_bitmap(node, args.name) is not None:
+            raise QmpError(f"Bitmap already exists: {args.name}")
         check_can_store(node, args.name, granularity)
     return create_bitmap(
         node,
@@ -115,6 +117,7 @@ def bitmap_merge_prepare(
     into an anonymous bitmap first, so an error in any source leaves the target untouched).
     An empty source list is a no-op (QSD 7.2 crashes on it)."""
     node, dst = lookup_bitmap(graph, args.node, args.target)
+    dst.check(DEFAULT)  # before any source, as QSD 7.2 answers
     anon = HBitmap(dst.hb.size, dst.granularity)
     for src_ref in args.bitmaps:
         if isinstance(src_ref, str):
@@ -127,7 +130,6 @@ def bitmap_merge_prepare(
         if src.hb.size != anon.size:
             raise QmpError("Bitmaps are incompatible and can't be merged")
         anon.merge(src.hb)
-    dst.check(DEFAULT)
     saved = dst.hb.copy()
     dst.merge_from(anon)
     return dst, saved

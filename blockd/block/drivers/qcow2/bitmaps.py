@@ -9,16 +9,18 @@ cluster of zeroes (bit 0 set: ones).
 Why things happen when they do:
 
 * **Open read-write** loads every bitmap and at once marks the ones it loaded ``in_use`` in the
-  image. From then on the image's copy is stale, and the flag says so: after ``kill -9`` the
+  image, by rewriting the directory's flags in place and flushing before any write is
+  accepted. From then on the image's copy is stale, and the flag says so: after ``kill -9`` the
   next open finds ``in_use`` and reports the bitmap ``inconsistent`` instead of trusting it.
+  A torn flag update is harmless (a bitmap not yet flagged is still exact), and nothing is
+  allocated (on an image with damaged refcounts an allocation could land on live data). QEMU
+  switches the whole extension off around that rewrite, so a crash there loses every bitmap.
   A bitmap already ``in_use`` at open is loaded without data, inconsistent, and kept so (in the
   image too) until it is removed.
 * **Clean close** (and reopen read-only) writes each bitmap's bits to new clusters, then a new
   directory with ``in_use`` cleared, then the header, and only then frees the old clusters.
   Every step is ordered by a flush, so a crash at any point leaves the old directory (all
-  ``in_use``: inconsistent, never wrong) or the new one (correct); never a mix. QEMU updates
-  the directory in place at open, dropping the extension for a moment; writing a new
-  directory instead means no crash window where bitmaps vanish.
+  ``in_use``: inconsistent, never wrong) or the new one (correct); never a mix.
 * A bitmap frozen by a job is stored with its successor's bits merged in, so a close while a
   job still holds a bitmap loses no write.
 """
@@ -90,7 +92,12 @@ class DirEntry:
 
 
 def entry_size(name: str) -> int:
-    return (_ENTRY.size + len(name.encode()) + 7) & ~7
+    return (_ENTRY.size + len(_name_bytes(name)) + 7) & ~7
+
+
+def _name_bytes(name: str) -> bytes:
+    """Names read from an image may be any bytes (kept as surrogate escapes)."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def bitmap_bits(length: int, granularity: int) -> int:
@@ -120,7 +127,7 @@ def constraints_error(length: int, cluster_size: int, name: str, granularity: in
     nbytes = -(-bitmap_bits(length, granularity) // 8)
     if nbytes > MAX_PHYS_SIZE or nbytes > MAX_TABLE_SIZE * cluster_size:
         return "Too much space will be occupied by the bitmap. Use larger granularity"
-    if len(name.encode()) > MAX_NAME_SIZE:
+    if len(_name_bytes(name)) > MAX_NAME_SIZE:
         return f"Name length exceeds maximum ({MAX_NAME_SIZE} characters)"
     return None
 
@@ -134,7 +141,7 @@ def _entry_ok(e: DirEntry, type_: int, cluster_size: int, length: int) -> bool:
         or e.table_size > MAX_TABLE_SIZE
         or not MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS
         or e.flags & RESERVED_FLAGS
-        or len(e.name.encode("utf-8", "surrogateescape")) > MAX_NAME_SIZE
+        or len(_name_bytes(e.name)) > MAX_NAME_SIZE
         or type_ != TYPE_DIRTY_TRACKING
     ):
         return False
@@ -177,7 +184,7 @@ def parse_directory(
 def pack_directory(entries: list[DirEntry]) -> bytes:
     out = bytearray()
     for e in entries:
-        name = e.name.encode("utf-8", "surrogateescape")
+        name = _name_bytes(e.name)
         out += _ENTRY.pack(
             e.table_offset, e.table_size, e.flags, TYPE_DIRTY_TRACKING, e.granularity_bits,
             len(name), 0,
@@ -395,10 +402,20 @@ class BitmapStore:
                      e.granularity_bits)
             for e in self.entries
         ]
+        # In place, flags only, before any write is accepted: a torn update leaves each
+        # bitmap flagged or unflagged-but-still-exact, and needs no allocation (on an image
+        # with damaged refcounts an allocation could land on live data).
+        data = pack_directory(new)
+        ext = self.ext
         try:
-            await self._commit_directory(new, [], free_tables=False)
+            if ext is not None and len(data) == ext.directory_size:
+                await self.drv.write_meta(ext.directory_offset, data)
+                await self.drv.sync()
+            else:
+                await self._commit_directory(new, [], free_tables=False)
         except OSError as exc:
             raise QmpError(f"Can't update bitmap directory: {exc.strerror}") from None
+        self.entries = new
 
     def _to_store(self) -> list[DirtyBitmap]:
         return [

@@ -33,6 +33,8 @@ ZERO_PLAIN = 3
 ZERO_ALLOC = 4
 
 _Q = struct.Struct(">Q")
+_ZERO_RUN = 65536
+_ZEROES = bytes(_ZERO_RUN)
 
 
 def cluster_type(entry: int) -> int:
@@ -88,9 +90,14 @@ class ClusterMap:
     async def load(self) -> None:
         if self.l1_size:
             self.l1 = bytearray(await self.io.read_meta(self.l1_offset, self.l1_size * 8))
+        # Skip trailing empty entries 64 KiB at a time: a hostile l1_size of 4M entries past
+        # the end of a small file must not cost a 4M-entry scan at open.
+        used = len(self.l1)
+        while used >= _ZERO_RUN and self.l1[used - _ZERO_RUN : used] == _ZEROES:
+            used -= _ZERO_RUN
         self.l2_clusters = {
             (e & L1E_OFFSET_MASK) >> self.cluster_bits
-            for e in struct.unpack(f">{self.l1_size}Q", self.l1)
+            for e in struct.unpack_from(f">{used // 8}Q", self.l1)
             if e & L1E_OFFSET_MASK
         }
 

@@ -26,13 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import json
 import logging
 import os
 import struct
 from typing import TYPE_CHECKING, Any
 
+from blockd.bitmap.dirty import bitmaps_of
 from blockd.block.driver import BlockDriver, WriteFlags, register_driver
 from blockd.block.drivers.qcow2 import compress
+from blockd.block.drivers.qcow2.bitmaps import BitmapStore
 from blockd.block.drivers.qcow2.cluster import (
     COMPRESSED,
     NORMAL,
@@ -80,11 +83,17 @@ MiB = 1024 * 1024
 _PENDING_FREE_LIMIT = 64 * MiB
 #: At most this many clusters per write step (one data write, one allocation).
 _MAX_STEP_CLUSTERS = 8192
+#: At most this many guest bytes per compressed write step (one compression hop, one data
+#: write per contiguous host run, one L2 update).
+_MAX_COMPRESSED_STEP = 4 * MiB
 #: Backing files currently being opened up this chain (loop and depth guard).
 _opening_chain: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "qcow2_opening_chain", default=()
 )
 _MAX_CHAIN = 64
+#: QEMU's BDRV_MAX_LENGTH: no request may reach past it (a bitmap table offset of 2^63 + x
+#: in a hostile directory is an I/O error there, not a table of zeroes).
+_MAX_FILE_END = (1 << 63) - (1 << 30)
 
 
 class _Run:
@@ -105,6 +114,7 @@ class Qcow2Driver(BlockDriver):
     is_format = True
     supports_backing = True
     can_create = True
+    supports_compressed_writes = True
 
     def __init__(self, node: BlockNode) -> None:
         super().__init__(node)
@@ -135,6 +145,12 @@ class Qcow2Driver(BlockDriver):
         self._dcache: tuple[int, bytes] | None = None
         self._opened = False
         self._other_meta: set[int] = set()
+        #: Persistent dirty bitmaps (the bitmaps extension).
+        self.bitmaps = BitmapStore(self)
+        #: Set once the bitmaps are written for good (blockdev-del, close): never twice.
+        self._bitmaps_stored = False
+        self._bitmap_store_failed = False
+        self._backing_null = False
 
     # -- plumbing ------------------------------------------------------------------------------
     @property
@@ -166,7 +182,10 @@ class Qcow2Driver(BlockDriver):
 
     async def _read_file(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
         """Read from the image file; bytes past its end read as zeroes (as QEMU's file
-        driver pads short reads)."""
+        driver pads short reads). A read reaching past QEMU's largest request end (2^63 less
+        1 GiB) fails as QEMU's request check fails it, instead of reading as zeroes."""
+        if offset + nbytes > _MAX_FILE_END:
+            raise OSError(errno.EIO, f"qcow2: read at {offset:#x} beyond the largest file offset")
         flen = self.file.length
         if offset >= flen:
             return bytes(nbytes)
@@ -283,6 +302,8 @@ class Qcow2Driver(BlockDriver):
                 await self.write_header(OFF_AUTOCLEAR, struct.pack(">Q", hdr.autoclear_features))
                 await self.sync()
         self._opened = True
+        await self.bitmaps.open()
+        self.refresh_meta_clusters()
 
     @staticmethod
     def _refuse_unsupported(hdr: Qcow2Header, read_only: bool) -> None:
@@ -323,9 +344,16 @@ class Qcow2Driver(BlockDriver):
         return out
 
     async def _open_backing(self, options: Any, graph: BlockGraph) -> None:
+        if self.backing_file_name and "file" in self.node.children:
+            try:
+                self.full_backing_file_name = self._resolve_backing(self.backing_file_name)
+            except QmpError:
+                self.full_backing_file_name = None
         if "backing" in options.model_fields_set:
             ref = options.backing
             if ref is None:
+                # QEMU then forgets the header's name for the node (not for the image info).
+                self._backing_null = True
                 return
             try:
                 await graph.open_child(
@@ -376,11 +404,61 @@ class Qcow2Driver(BlockDriver):
             )
         return os.path.join(os.path.dirname(base), name)
 
+    @property
+    def backing_disabled(self) -> bool:
+        """``backing: null`` hides a backing file the header names (until one is attached,
+        as a snapshot does)."""
+        return self._backing_null and bool(self.backing_file_name) and self.node.backing is None
+
+    def refresh_meta_clusters(self) -> None:
+        """Recompute the metadata clusters blockd keeps outside L1/L2/refcounts."""
+        assert self.hdr is not None
+        self._other_meta = self._extra_meta_clusters(self.hdr) | self.bitmaps.meta_clusters()
+
+    def log_warning(self, text: str) -> None:
+        log.warning("%s: %s", self.node.node_name, text)
+
+    # -- persistent dirty bitmaps (the hooks blockd.bitmap.dirty documents) ------------------
+    def can_store_new_dirty_bitmap(self, name: str, granularity: int) -> None:
+        self.bitmaps.can_store_new(name, granularity)
+
+    async def remove_persistent_dirty_bitmap(self, name: str) -> None:
+        await self.bitmaps.remove(name)
+
+    async def store_dirty_bitmaps(self) -> None:
+        """Write the persistent bitmaps for good, before the node goes away (blockdev-del
+        calls this first, so that a failure keeps the node and its bitmaps, and says why)."""
+        if self._bitmaps_stored or self.node.read_only or self.map is None:
+            return
+        if self._bitmap_store_failed:
+            # The user was told and asked again: close without them. They stay flagged in
+            # use in the image, so they come back inconsistent, never stale.
+            log.error("%s: closing without storing persistent bitmaps", self.node.node_name)
+            self._bitmaps_stored = True
+            return
+        try:
+            await self.bitmaps.store()
+        except QmpError as exc:
+            self._bitmap_store_failed = True
+            raise QmpError(
+                f"{exc.desc}; node '{self.node.node_name}' is kept with its bitmaps: run "
+                "blockdev-del again to close it without storing them (they will then be "
+                "reported inconsistent)"
+            ) from None
+        self._bitmaps_stored = True
+
     async def close(self) -> None:
         if self.map is None or self.refcounts is None or "file" not in self.node.children:
             return
         try:
             if not self.node.read_only and not self.file.closed:
+                try:
+                    await self.store_dirty_bitmaps()
+                except QmpError as exc:
+                    # They stay marked in use in the image: inconsistent next time, not stale.
+                    log.error(
+                        "%s: lost persistent bitmaps on close: %s", self.node.node_name, exc.desc
+                    )
                 async with self.lock:
                     await self._sync_metadata(force_frees=True)
                     await self._trim_file()
@@ -401,16 +479,26 @@ class Qcow2Driver(BlockDriver):
         if read_only == self.node.read_only:
             return
         if read_only:
+            # QEMU's qcow2_reopen_bitmaps_ro: store them, then they are read-only like the node.
+            await self.bitmaps.store()
             async with self.lock:
                 await self._sync_metadata(force_frees=True)
             await self.sync()
             self.node.read_only = True
+            for bm in bitmaps_of(self.node):
+                if bm.persistent:
+                    bm.readonly = True
             return
         assert self.hdr is not None
         self._refuse_unsupported(self.hdr, False)
         if self.file.read_only:
             await self.file.driver.reopen(False)
         self.node.read_only = False
+        # QEMU's qcow2_reopen_bitmaps_rw: the image copies become stale from here on.
+        await self.bitmaps.mark_in_use()
+        for bm in bitmaps_of(self.node):
+            if bm.persistent:
+                bm.readonly = False
 
     async def rewrite_header(self) -> None:
         """Write cluster 0 anew from the live state and ``self.hdr.extensions`` (QEMU's
@@ -618,7 +706,10 @@ class Qcow2Driver(BlockDriver):
 
     # -- writes --------------------------------------------------------------------------------
     async def pwritev(self, offset: int, data: memoryview, flags: WriteFlags) -> None:
-        await self._write(offset, data)
+        if flags & WriteFlags.COMPRESSED:
+            await self._write_compressed(offset, data)
+        else:
+            await self._write(offset, data)
         if flags & WriteFlags.FUA:
             await self.flush()
 
@@ -746,6 +837,129 @@ class Qcow2Driver(BlockDriver):
             slot[2].set()
         return nbytes
 
+    # -- compressed writes ---------------------------------------------------------------------
+    async def _write_compressed(self, offset: int, data: memoryview) -> None:
+        """Store whole clusters compressed (QEMU's qcow2_co_pwritev_compressed_part).
+
+        The request covers whole clusters, or ends at the end of the image, whose last
+        cluster is padded with zeroes. A cluster that does not compress to less than a
+        cluster is written the ordinary way instead. As in QEMU 7.2, a cluster that has host
+        space already (data, allocated zeroes, compressed data) cannot take compressed data:
+        EIO.
+        """
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        end = offset + len(data)
+        if offset & (cs - 1) or (len(data) & (cs - 1) and end != self.size):
+            raise OSError(errno.EINVAL, "qcow2: compressed writes must cover whole clusters")
+        assert self.hdr is not None
+        m = self._m
+        per_step = max(1, _MAX_COMPRESSED_STEP >> cb)
+        pos = offset
+        while pos < end:
+            c0 = pos >> cb
+            table_end = ((c0 >> m.l2_bits) + 1) << m.l2_bits
+            stop = min(end, min(table_end, c0 + per_step) << cb)
+            packed = await run_blocking(
+                compress.compress_clusters,
+                self.hdr.compression_type,
+                data[pos - offset : stop - offset],
+                cs,
+            )
+            await self._store_compressed(c0, packed)
+            # Clusters that did not shrink, in runs, through the normal write path.
+            i = 0
+            while i < len(packed):
+                if packed[i] is not None:
+                    i += 1
+                    continue
+                j = i
+                while j < len(packed) and packed[j] is None:
+                    j += 1
+                a = pos + i * cs
+                b = min(stop, pos + j * cs)
+                await self._write(a, data[a - offset : b - offset])
+                i = j
+            pos = stop
+
+    async def _store_compressed(self, c0: int, packed: list[bytes | None]) -> None:
+        """Allocate room for the compressed clusters of guest clusters [c0, c0+len(packed))
+        (one L2 table), write the data, then point the L2 entries at it. Entries that are
+        None are left alone."""
+        idx = [i for i, p in enumerate(packed) if p is not None]
+        if not idx:
+            return
+        m, r = self._m, self._r
+        cb = self.cluster_bits
+        n = len(packed)
+        assert self.layout is not None
+        allocs: list[tuple[int, int]] = []
+        descs: list[int] = []
+        async with self.lock:
+            while await self._wait_inflight(c0, c0 + n):
+                pass
+            ents = await m.entries(c0, n)
+            for i in idx:
+                if ents[i] & L2E_OFFSET_MASK:
+                    raise OSError(
+                        errno.EIO,
+                        f"qcow2: compressed write to allocated cluster at {(c0 + i) << cb:#x}",
+                    )
+            await m.writable_table(c0 >> m.l2_bits)
+            try:
+                for i in idx:
+                    size = len(packed[i] or b"")
+                    host = await r.alloc_bytes(size)
+                    allocs.append((host, size))
+                    self._check_data_overlap(host, size)
+                    descs.append(self.layout.entry(host, size))
+            except BaseException:
+                await self._unref_bytes(allocs)
+                raise
+            slot = (c0, c0 + n, asyncio.Event())
+            self._inflight.append(slot)
+        ok = False
+        try:
+            # The data first, one write per run of back-to-back allocations.
+            k = 0
+            while k < len(allocs):
+                start = allocs[k][0]
+                buf = bytearray(packed[idx[k]] or b"")
+                k += 1
+                while k < len(allocs) and allocs[k][0] == allocs[k - 1][0] + allocs[k - 1][1]:
+                    buf += packed[idx[k]] or b""
+                    k += 1
+                await self._write_file(start, buf)
+            async with self.lock:
+                cur = await m.entries(c0, n)
+                new = list(cur)
+                for k, i in enumerate(idx):
+                    new[i] = descs[k]
+                await m.set_entries(c0, new)
+                for i in idx:
+                    self._free_entry(cur[i])
+                ok = True
+                if self._pending_free_bytes > _PENDING_FREE_LIMIT and not self._reads:
+                    await self._sync_metadata()
+        finally:
+            if not ok:
+                # Nothing references the new bytes: drop their references at once.
+                async with self.lock:
+                    await self._unref_bytes(allocs)
+            self._inflight.remove(slot)
+            slot[2].set()
+
+    async def _unref_bytes(self, allocs: list[tuple[int, int]]) -> None:
+        """Give back the references :meth:`RefcountManager.alloc_bytes` took. Caller holds
+        the lock."""
+        cb = self.cluster_bits
+        for host, size in allocs:
+            first = host >> cb
+            try:
+                await self._r.update(first, ((host + size - 1) >> cb) - first + 1, -1)
+            except OSError:
+                pass
+
     def _free_entry(self, entry: int, discard: bool = False) -> None:
         """Queue the release of whatever host space an L2 entry being replaced held."""
         kind = cluster_type(entry)
@@ -780,7 +994,9 @@ class Qcow2Driver(BlockDriver):
                 await self._zero_partial(offset, a0, flags)
             if self.hdr.version >= 3:
                 await self._zero_clusters(a0 >> self.cluster_bits, a1 - a0, flags, False)
-            elif self.node.backing is None and flags & WriteFlags.MAY_UNMAP:
+            elif self.node.backing is None:
+                # v2 has no zero flag, but without a backing file an unallocated cluster
+                # reads as zeroes: QEMU 7.2 deallocates here whether or not MAY_UNMAP is set.
                 await self._zero_clusters(a0 >> self.cluster_bits, a1 - a0, flags, True)
             else:
                 await self._write_real_zeroes(a0, min(a1, end), flags)
@@ -883,33 +1099,52 @@ class Qcow2Driver(BlockDriver):
 
     # -- status --------------------------------------------------------------------------------
     async def block_status(self, offset: int, nbytes: int) -> Extent:
+        """The first run of same-kind clusters from *offset*. Hot in sparse backups and NBD
+        block status, so runs are measured in C-speed slices (``any``, tuple compares), not
+        entry by entry."""
+        cb = self.cluster_bits
+        cs = self.cluster_size
         async with self.lock:
             m = self._m
-            c0 = offset >> self.cluster_bits
-            ents = await m.entries(c0, 1)
-            kind = cluster_type(ents[0])
-            runs = await self._runs(offset, offset + nbytes)
-        run = runs[0]
+            c0 = offset >> cb
+            table_end = ((c0 >> m.l2_bits) + 1) << m.l2_bits
+            c1 = min(-(-(offset + nbytes) >> cb), table_end)
+            ents = await m.entries(c0, c1 - c0)
+        e0 = ents[0]
+        kind = cluster_type(e0)
+        within = offset & (cs - 1)
+        if kind == COMPRESSED:
+            n = 1
+        elif kind == NORMAL:
+            if e0 & L2E_OFFSET_MASK & (cs - 1):
+                raise OSError(
+                    errno.EIO, f"qcow2: cluster offset {e0:#x} unaligned (guest {offset:#x})"
+                )
+            n = _run_length(ents, lambda a, b: tuple(range(e0 + a * cs, e0 + b * cs, cs)))
+        elif kind == UNALLOCATED:
+            n = _zero_prefix(ents)
+        elif kind == ZERO_ALLOC:
+            n = 1  # allocated zero clusters one by one, so the host offset stays exact
+        else:
+            n = _run_length(ents, lambda a, b: (e0,) * (b - a))
+        length = min(n * cs - within, nbytes)
         if kind == UNALLOCATED:
-            return Extent(offset, run.length, BlockStatus(0))
+            return Extent(offset, length, BlockStatus(0))
         if kind == ZERO_PLAIN:
-            return Extent(offset, run.length, BlockStatus.ZERO | BlockStatus.ALLOCATED)
+            return Extent(offset, length, BlockStatus.ZERO | BlockStatus.ALLOCATED)
         if kind == ZERO_ALLOC:
-            # Runs fold zero clusters together; report allocated-zero clusters one by one
-            # so the host offset stays exact.
-            length = min(run.length, self.cluster_size - (offset & (self.cluster_size - 1)))
-            host = (ents[0] & L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
+            host = (e0 & L2E_OFFSET_MASK) + within
             return Extent(
                 offset, length,
                 BlockStatus.ZERO | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
                 map_node=self.file, map_offset=host,
             )
         if kind == COMPRESSED:
-            return Extent(offset, run.length, BlockStatus.DATA | BlockStatus.ALLOCATED)
+            return Extent(offset, length, BlockStatus.DATA | BlockStatus.ALLOCATED)
         return Extent(
-            offset, run.length,
+            offset, length,
             BlockStatus.DATA | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
-            map_node=self.file, map_offset=run.host,
+            map_node=self.file, map_offset=(e0 & L2E_OFFSET_MASK) + within,
         )
 
     # -- resize --------------------------------------------------------------------------------
@@ -923,6 +1158,7 @@ class Qcow2Driver(BlockDriver):
             raise QmpError(f"Unsupported preallocation mode '{prealloc}'")
         if size == old:
             return
+        self.bitmaps.check_resize()
         await self._grow(size, exact=True)
         if prealloc != "off":
             await self.preallocate_metadata(old, size, file_prealloc=prealloc)
@@ -990,7 +1226,15 @@ class Qcow2Driver(BlockDriver):
     # -- reporting -----------------------------------------------------------------------------
     def filename(self) -> str:
         if "file" in self.node.children:
-            return str(self.file.filename)
+            name = str(self.file.filename)
+            if self.backing_disabled and not name.startswith("json:"):
+                # QEMU's bdrv_refresh_filename: options that change what the image means
+                # (here: no backing file) make the filename a json: description.
+                return "json:" + json.dumps(
+                    {"backing": None, "driver": "qcow2",
+                     "file": {"driver": "file", "filename": name}}
+                )
+            return name
         return super().filename()
 
     def image_info(self) -> dict[str, Any]:
@@ -1008,7 +1252,10 @@ class Qcow2Driver(BlockDriver):
                 "extended-l2": False,
             }
         else:
-            data = {"compat": "0.10", "refcount-bits": hdr.refcount_bits}
+            data = {"compat": "0.10", "compression-type": "zlib",
+                    "refcount-bits": hdr.refcount_bits}
+        if hdr.version >= 3 and self.bitmaps.entries:
+            data["bitmaps"] = self.bitmaps.info()
         info: dict[str, Any] = {
             "cluster-size": hdr.cluster_size,
             "dirty-flag": bool(hdr.incompatible_features & INCOMPAT_DIRTY),
@@ -1036,6 +1283,39 @@ class Qcow2Driver(BlockDriver):
         from blockd.block.drivers.qcow2.create import create_image
 
         await create_image(options, graph)
+
+
+_SLICE = 64
+
+
+def _zero_prefix(ents: tuple[int, ...]) -> int:
+    """How many entries from the start are 0 (unallocated)."""
+    n = len(ents)
+    a = 0
+    while a < n:
+        b = min(n, a + _SLICE)
+        if any(ents[a:b]):
+            for i in range(a, b):
+                if ents[i]:
+                    return i
+        a = b
+    return n
+
+
+def _run_length(ents: tuple[int, ...], expect: Any) -> int:
+    """How many entries from the start equal ``expect(a, b)`` slice by slice (a run of
+    contiguous data clusters, or of identical zero entries)."""
+    n = len(ents)
+    a = 0
+    while a < n:
+        b = min(n, a + _SLICE)
+        want = expect(a, b)
+        if ents[a:b] != want:
+            for i in range(a, b):
+                if ents[i] != want[i - a]:
+                    return max(i, 1)
+        a = b
+    return n
 
 
 def _merge_clusters(frees: list[tuple[int, int]], cluster_bits: int) -> list[tuple[int, int]]:

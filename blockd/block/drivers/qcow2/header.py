@@ -217,7 +217,7 @@ def parse_header(buf: bytes) -> Qcow2Header:
 
     *buf* holds the first ``min(cluster_size, file_length)`` bytes (the caller learns the
     cluster size from :func:`peek_cluster_bits` first), so every extension and the backing
-    name can be read without another I/O.
+    name can be read without another I/O; a shorter file is judged as zero-padded.
     """
     if len(buf) < V2_HEADER_LEN:
         raise QmpError("Image is not in qcow2 format")
@@ -235,9 +235,11 @@ def parse_header(buf: bytes) -> Qcow2Header:
         rt_clusters, nb_snap, snap_off,
     )
     cs = hdr.cluster_size
+    if len(buf) < cs:
+        # A file shorter than cluster 0 reads as zeroes past its end (as QEMU's file driver
+        # pads short reads), so a truncated image is judged on the same bytes QEMU sees.
+        buf = bytes(buf) + bytes(cs - len(buf))
     if version >= 3:
-        if len(buf) < V3_HEADER_LEN:
-            raise QmpError("qcow2 header too short")
         (hdr.incompatible_features, hdr.compatible_features, hdr.autoclear_features,
          hdr.refcount_order, hdr.header_length) = _V3.unpack_from(buf, V2_HEADER_LEN)
         if hdr.header_length < V3_HEADER_LEN:
@@ -245,8 +247,6 @@ def parse_header(buf: bytes) -> Qcow2Header:
         if hdr.header_length > cs:
             raise QmpError("qcow2 header exceeds cluster size")
         if hdr.header_length > V3_HEADER_LEN:
-            if len(buf) <= V3_HEADER_LEN:
-                raise QmpError("qcow2 header too short")
             hdr.compression_type = buf[V3_HEADER_LEN]
     else:
         hdr.header_length = V2_HEADER_LEN
@@ -254,7 +254,7 @@ def parse_header(buf: bytes) -> Qcow2Header:
         raise QmpError("Invalid backing file offset")
 
     ext_end = hdr.backing_file_offset if hdr.backing_file_offset else cs
-    _read_extensions(hdr, buf, hdr.header_length, min(ext_end, len(buf)))
+    _read_extensions(hdr, buf, hdr.header_length, ext_end)
 
     if hdr.refcount_order > 6:
         raise QmpError("Reference count entry width too large; may not exceed 64 bits")
@@ -270,6 +270,11 @@ def parse_header(buf: bytes) -> Qcow2Header:
         raise QmpError("qcow2: Compression type incompatible feature bit must be set")
     if hdr.crypt_method > 2:
         raise QmpError(f"Unsupported encryption method {hdr.crypt_method}")
+    if hdr.extension(EXT_CRYPTO) is not None and hdr.crypt_method != 2:
+        raise QmpError("CRYPTO header extension only expected with LUKS encryption method")
+    if (hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
+            and not hdr.incompatible_features & INCOMPAT_DATA_FILE):
+        raise QmpError("data-file-raw requires a data file")
 
     # Refcount table (qcow2_validate_table: bound the size before trusting the offset).
     if hdr.refcount_table_clusters > MAX_REFTABLE_BYTES // cs:
@@ -278,11 +283,11 @@ def parse_header(buf: bytes) -> Qcow2Header:
         raise QmpError("Image does not contain a reference count table")
     _validate_table(hdr, hdr.refcount_table_offset, hdr.refcount_table_clusters * cs,
                     "Reference count table")
-    # Snapshot table.
+    # Snapshot table: its offset is checked even when there are no snapshots.
     if hdr.nb_snapshots > MAX_SNAPSHOTS:
         raise QmpError("Snapshot table too large")
-    if hdr.nb_snapshots:
-        _validate_table(hdr, hdr.snapshots_offset, hdr.nb_snapshots * 40, "Snapshot table")
+    _validate_table(hdr, hdr.snapshots_offset, hdr.nb_snapshots * 40, "Snapshot table",
+                    allow_zero=not hdr.nb_snapshots)
     # L1 table.
     if hdr.l1_size > MAX_L1_BYTES // 8:
         raise QmpError("Active L1 table too large")
@@ -294,8 +299,8 @@ def parse_header(buf: bytes) -> Qcow2Header:
         raise QmpError("Image is too big")
     if hdr.l1_size < need:
         raise QmpError("L1 table is too small")
-    if hdr.l1_size:
-        _validate_table(hdr, hdr.l1_table_offset, hdr.l1_size * 8, "Active L1 table")
+    _validate_table(hdr, hdr.l1_table_offset, hdr.l1_size * 8, "Active L1 table",
+                    allow_zero=not hdr.l1_size)
 
     if hdr.backing_file_offset:
         if hdr.backing_file_size > MAX_BACKING_NAME or (
@@ -322,8 +327,12 @@ def peek_cluster_bits(buf: bytes) -> int:
     return bits
 
 
-def _validate_table(hdr: Qcow2Header, offset: int, nbytes: int, what: str) -> None:
-    if offset % hdr.cluster_size or offset + nbytes >= 1 << 63 or offset == 0:
+def _validate_table(
+    hdr: Qcow2Header, offset: int, nbytes: int, what: str, allow_zero: bool = False
+) -> None:
+    """An offset that is cluster aligned, leaves the table below 2^63 and (unless the table
+    is empty) is not the header."""
+    if offset % hdr.cluster_size or offset + nbytes >= 1 << 63 or (offset == 0 and not allow_zero):
         raise QmpError(f"{what} offset invalid")
 
 
@@ -340,16 +349,22 @@ def _feature_text(hdr: Qcow2Header, mask: int) -> str:
 
 
 def _read_extensions(hdr: Qcow2Header, buf: bytes, start: int, end: int) -> None:
-    """Walk the extension list, refusing lengths that run past its end (a hostile image
-    must not make us read or loop beyond cluster 0)."""
+    """Walk the extension list up to *end* (the backing file name, else the end of cluster 0;
+    *buf* holds the whole cluster). Any header, the end marker's included, whose length runs
+    past *end* is refused: a hostile image must not make us read or loop beyond cluster 0."""
     pos = start
-    while pos + 8 <= end:
+    while pos < end:
+        if pos + 8 > end:
+            raise QmpError("Header extension too large")
         ext_type, ext_len = struct.unpack_from(">II", buf, pos)
         pos += 8
-        if ext_type == EXT_END:
-            return
         if ext_len > end - pos:
             raise QmpError("Header extension too large")
+        if ext_type == EXT_END:
+            return
+        if ext_type == EXT_BITMAPS and ext_len != 24:
+            # Checked whatever the autoclear bit says (the rest is the bitmap code's).
+            raise QmpError("bitmaps_ext: Invalid extension length")
         data = bytes(buf[pos : pos + ext_len])
         pos += (ext_len + 7) & ~7
         if ext_type == EXT_BACKING_FORMAT:

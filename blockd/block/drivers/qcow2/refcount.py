@@ -100,6 +100,9 @@ class RefcountManager:
         self._get, self._set = _accessors(refcount_order)
         #: Lowest cluster index that may be free (QEMU's free_cluster_index).
         self.free_hint = 0
+        #: Where the next compressed cluster may go inside a partly used host cluster
+        #: (QEMU's free_byte_offset); 0 when a fresh cluster must be taken.
+        self.free_byte_offset = 0
         #: Every cluster holding refcount metadata, for the overlap checks.
         self.meta_clusters: set[int] = set()
 
@@ -158,6 +161,11 @@ class RefcountManager:
             c = stop
         if delta < 0:
             self.free_hint = min(self.free_hint, first)
+            fbo = self.free_byte_offset >> self.cluster_bits
+            if self.free_byte_offset and first <= fbo < end:
+                # The partly used cluster may become free and be handed out whole: never
+                # pack compressed data into it again.
+                self.free_byte_offset = 0
 
     def _add(self, buf: bytearray, a: int, b: int, delta: int, base: int) -> None:
         """Add *delta* to entries [a, b) of one block, all or nothing."""
@@ -212,6 +220,29 @@ class RefcountManager:
         if self.free_hint == start:
             self.free_hint = start + count + len(missing)
         return start << self.cluster_bits
+
+    async def alloc_bytes(self, size: int) -> int:
+        """Room for *size* bytes of compressed data (QEMU's qcow2_alloc_bytes); returns the
+        byte offset. Compressed clusters are packed one after the other: the data goes on in
+        the host cluster the previous one ended in, and may run on into the next cluster if
+        that one is free, else it starts a fresh cluster. Every host cluster the bytes touch
+        gets one more reference."""
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        assert 0 < size <= cs
+        off = self.free_byte_offset
+        if off and await self.get(off >> cb) >= self.max_refcount:
+            off = 0
+        if off and cs - (off & (cs - 1)) >= size:
+            await self.update(off >> cb, 1, 1)
+        else:
+            new = await self.alloc(1)
+            if off and -(-off // cs) * cs == new:
+                await self.update(off >> cb, 1, 1)  # runs on from the current cluster
+            else:
+                off = new
+        self.free_byte_offset = 0 if not (off + size) & (cs - 1) else off + size
+        return off
 
     async def alloc_upto(self, count: int) -> tuple[int, int]:
         """Allocate up to *count* contiguous clusters at the first free place: (offset, n).
