@@ -221,3 +221,27 @@ async def test_encrypted_refused(tmp_path, method):
     graph = BlockGraph()
     with pytest.raises(QmpError, match="encrypted"):
         await open_qcow2(graph, img, rw=False)
+
+
+async def test_zero_flag_in_v2_image_is_an_io_error(tmp_path):
+    """Version 2 has no zero clusters; QEMU fails the read rather than guess (so does blockd,
+    for reads and block status alike)."""
+    import struct
+
+    img = tmp_path / "v2.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", str(img), "1M")
+    qemu_io(str(img), "write -P 7 0 64k")
+    raw = bytearray(img.read_bytes())
+    l1_off = struct.unpack_from(">Q", raw, 40)[0]
+    l2_off = struct.unpack_from(">Q", raw, l1_off)[0] & 0x00FFFFFFFFFFFE00
+    entry = struct.unpack_from(">Q", raw, l2_off)[0]
+    struct.pack_into(">Q", raw, l2_off, entry | 1)
+    img.write_bytes(raw)
+    graph = BlockGraph()
+    node = await open_qcow2(graph, str(img), rw=False)
+    with pytest.raises(OSError, match="version 2"):
+        await node.read(0, 512)
+    with pytest.raises(OSError, match="version 2"):
+        await node.block_status(0, 512)
+    assert bytes(await node.read(65536, 512)) == bytes(512)
+    await graph.close_all()

@@ -151,6 +151,7 @@ class Qcow2Driver(BlockDriver):
         self._bitmaps_stored = False
         self._bitmap_store_failed = False
         self._backing_null = False
+        self._v2 = False
 
     # -- plumbing ------------------------------------------------------------------------------
     @property
@@ -262,6 +263,7 @@ class Qcow2Driver(BlockDriver):
         self.cluster_bits = hdr.cluster_bits
         self.cluster_size = hdr.cluster_size
         self.layout = compress.CompressedLayout(hdr.cluster_bits)
+        self._v2 = hdr.version < 3
         self.limits.pwrite_zeroes_alignment = self.cluster_size
         self.limits.pdiscard_alignment = self.cluster_size
         if options.lazy_refcounts and hdr.version < 3:
@@ -601,6 +603,8 @@ class Qcow2Driver(BlockDriver):
             cstart = (c0 + i) << cb
             cend = min(cstart + cs, end)
             kind = cluster_type(e)
+            if kind >= ZERO_PLAIN and self._v2:
+                raise _v2_zero_error(cstart)
             host = 0
             if kind in (NORMAL, ZERO_ALLOC):
                 host = e & L2E_OFFSET_MASK
@@ -1112,6 +1116,8 @@ class Qcow2Driver(BlockDriver):
             ents = await m.entries(c0, c1 - c0)
         e0 = ents[0]
         kind = cluster_type(e0)
+        if kind >= ZERO_PLAIN and self._v2:
+            raise _v2_zero_error(offset)
         within = offset & (cs - 1)
         if kind == COMPRESSED:
             n = 1
@@ -1286,6 +1292,12 @@ class Qcow2Driver(BlockDriver):
 
 
 _SLICE = 64
+
+
+def _v2_zero_error(guest: int) -> OSError:
+    """Version 2 has no zero clusters: QEMU fails such a request (and calls the image
+    corrupt) rather than guess what the bit means."""
+    return OSError(errno.EIO, f"qcow2: zero cluster entry in a version 2 image (guest {guest:#x})")
 
 
 def _zero_prefix(ents: tuple[int, ...]) -> int:
