@@ -4,7 +4,9 @@
 Images (in --dir, default a fresh temporary directory):
 
 * ``dense``: 1 GiB of random data (raw);
-* ``sparse``: a 64 GiB sparse raw image holding 1 GiB of random data in 64 extents of 16 MiB;
+* ``sparse``: a 64 GiB (``--sparse-gib``) sparse raw image holding 1 GiB of random data in 64
+  extents of 16 MiB (its raw target takes the full size on disk: both daemons reserve zero
+  ranges with fallocate; cases that do not fit are skipped with a message);
 * the same two as qcow2 when blockd has the qcow2 driver (qcow2 -> qcow2).
 
 Each case runs ``blockdev-backup sync=full`` onto a fresh empty target of the same format,
@@ -114,7 +116,9 @@ def node(name: str, path: Path, fmt: str) -> dict[str, Any]:
             "file": {"driver": "file", "filename": str(path)}}
 
 
-def make_images(d: Path, with_qcow2: bool) -> list[tuple[str, Path, str, int]]:
+def make_images(
+    d: Path, with_qcow2: bool, sparse_gib: int = 64
+) -> list[tuple[str, Path, str, int]]:
     cases = []
     dense = d / "dense.raw"
     if not dense.exists():
@@ -122,18 +126,20 @@ def make_images(d: Path, with_qcow2: bool) -> list[tuple[str, Path, str, int]]:
             for _ in range(1024):
                 f.write(os.urandom(MiB))
     cases.append(("1 GiB dense raw", dense, "raw", GiB))
-    sparse = d / "sparse.raw"
+    sparse = d / f"sparse{sparse_gib}.raw"
     if not sparse.exists():
         with open(sparse, "wb") as f:
-            f.truncate(64 * GiB)
-            for i in range(64):
-                f.seek(i * GiB + 3 * MiB)
+            f.truncate(sparse_gib * GiB)
+            extents = 64
+            for i in range(extents):  # 64 extents of 16 MiB spread over the disk
+                f.seek(i * (sparse_gib * GiB // extents) + 3 * MiB)
                 for _ in range(16):
                     f.write(os.urandom(MiB))
-    cases.append(("64 GiB sparse raw (1 GiB data)", sparse, "raw", 64 * GiB))
+    cases.append((f"{sparse_gib} GiB sparse raw (1 GiB data)", sparse, "raw", sparse_gib * GiB))
     if with_qcow2:
         for label, src, size in (("1 GiB dense qcow2", dense, GiB),
-                                 ("64 GiB sparse qcow2 (1 GiB data)", sparse, 64 * GiB)):
+                                 (f"{sparse_gib} GiB sparse qcow2 (1 GiB data)", sparse,
+                                  sparse_gib * GiB)):
             q = src.with_suffix(".qcow2")
             if not q.exists():
                 subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-S", "64k",
@@ -172,9 +178,17 @@ def run_one(kind: str, d: Path, src: Path, fmt: str, size: int) -> tuple[float, 
         except subprocess.TimeoutExpired:
             proc.kill()
     same = subprocess.run(["qemu-img", "compare", "-q", "-f", fmt, "-F", fmt, str(src), str(tgt)])
+    tgt.unlink()
     if same.returncode != 0:
         raise RuntimeError(f"{kind}: target differs from source")
     return elapsed, rss
+
+
+def target_needs(fmt: str, size: int) -> int:
+    """Disk a backup target takes: both daemons write a raw target's zero ranges with
+    fallocate(ZERO_RANGE) (no discard=unmap), which reserves the whole disk; a qcow2 target
+    holds the data and its metadata."""
+    return size + 256 * MiB if fmt == "raw" else 2 * GiB
 
 
 def main() -> int:
@@ -183,6 +197,8 @@ def main() -> int:
     ap.add_argument("--dir", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the images")
     ap.add_argument("--no-qcow2", action="store_true")
+    ap.add_argument("--sparse-gib", type=int, default=64,
+                    help="virtual size of the sparse image (its raw target needs that much disk)")
     args = ap.parse_args()
     d = args.dir or Path(tempfile.mkdtemp(prefix="bench-backup-"))
     d.mkdir(parents=True, exist_ok=True)
@@ -191,10 +207,15 @@ def main() -> int:
 
     with_qcow2 = not args.no_qcow2 and driver_class("qcow2") is not None
     try:
-        cases = make_images(d, with_qcow2)
+        cases = make_images(d, with_qcow2, args.sparse_gib)
         print(f"{'case':34} {'blockd s':>9} {'qsd s':>7} {'blockd MiB/s':>13} "
               f"{'qsd MiB/s':>10} {'ratio':>6} {'blockd RSS':>11} {'qsd RSS':>8}")
         for label, src, fmt, size in cases:
+            free = shutil.disk_usage(d).free
+            if free < target_needs(fmt, size):
+                print(f"{label:34} skipped: its target needs {target_needs(fmt, size) / GiB:.1f} "
+                      f"GiB free, {free / GiB:.1f} GiB left (try --sparse-gib)", flush=True)
+                continue
             best: dict[str, float] = {"blockd": float("inf"), "qsd": float("inf")}
             rss: dict[str, float] = {"blockd": 0.0, "qsd": 0.0}
             for _ in range(args.rounds):
