@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -58,6 +59,13 @@ LIMITED_CHUNK = 1 * MiB
 ZERO_CHUNK = 1 * GiB
 #: Tasks in flight per background call unless x-perf says otherwise.
 DEFAULT_WORKERS = 8
+#: Copy-before-write for a writer going sequentially (its request starts at, or less than
+#: this after, the end of a recent copy-before-write task) copies up to this much of the
+#: dirty run ahead of it in one task, so the writes that follow find their clusters copied
+#: instead of each paying a read and a write of one cluster.
+SEQUENTIAL_AHEAD = 1 * MiB
+#: Ends of this many recent copy-before-write tasks are remembered to recognise those writers.
+SEQUENTIAL_STREAMS = 8
 
 
 def cluster_size_for(target: BlockNode) -> int:
@@ -142,6 +150,8 @@ class BlockCopy:
         #: Bits still to copy.
         self.copy_bitmap = HBitmap(self.len, self.cluster_size)
         self._inflight: list[_Task] = []
+        #: Where recent copy-before-write tasks ended (sequential writers start there next).
+        self._cbw_ends: deque[int] = deque(maxlen=SEQUENTIAL_STREAMS)
 
     # -- helpers ---------------------------------------------------------------------------
     def _align(self, offset: int, nbytes: int) -> tuple[int, int]:
@@ -257,27 +267,101 @@ class BlockCopy:
             self._inflight.remove(task)
             task.done.set()
 
+    async def _run_claimed(self, task: _Task) -> None:
+        """Copy a copy-before-write task. Its clusters were claimed before block status was
+        asked, so it goes through them run by run: unallocated runs are skipped (sync=top),
+        zero runs written as zeroes, data read and written in chunks. On failure the clusters
+        not copied yet are dirty again."""
+        pos = task.start
+        chunk = self._chunk(False)
+        is_read = False
+        try:
+            while pos < task.end:
+                kind, n = await self._status(pos, task.end - pos)
+                if kind == "skip":
+                    self.on_skip(n)
+                elif kind == "zero":
+                    self.on_task(n)
+                    await self.target.write_zeroes(pos, n, WriteFlags.MAY_UNMAP)
+                    self.on_progress(n)
+                else:
+                    n = min(n, chunk)
+                    self.on_task(n)
+                    is_read = True
+                    data = await self._read_source(pos, n)
+                    is_read = False
+                    await self.target.write(pos, data, self.write_flags)
+                    self.on_progress(n)
+                pos += n
+        except OSError as exc:
+            self.copy_bitmap.set(pos, task.end - pos)
+            err = exc.errno or errno.EIO
+            log.debug("block-copy %s..%s failed (%s): %s", pos, task.end, is_read, exc)
+            raise BlockCopyError(err, is_read) from exc
+        except BaseException:
+            self.copy_bitmap.set(pos, task.end - pos)
+            raise
+        finally:
+            self._inflight.remove(task)
+            task.done.set()
+
     # -- the two kinds of calls ------------------------------------------------------------
     async def copy(self, offset: int, nbytes: int) -> None:
         """Make sure every cluster touched by ``[offset, offset+nbytes)`` has reached the
         target (copy-before-write). Waits for tasks already copying those clusters.
 
+        The dirty clusters are claimed before the first await, so writers that arrive one
+        after the other claim in that order and a later writer finds the clusters of an
+        earlier one in flight at once. A writer that starts at or shortly after the end of a
+        recent copy-before-write task (within SEQUENTIAL_AHEAD: clients reorder requests in
+        flight a little) is taken as sequential: its claim goes on over the dirty run ahead
+        of it (up to SEQUENTIAL_AHEAD), which its next writes then find copied.
+
         :raise BlockCopyError: when a copy this call made failed (the write must fail too).
         """
         start, end = self._align(offset, nbytes)
+        bm = self.copy_bitmap
+        back = ahead_to = -1
+        for e in self._cbw_ends:
+            if e <= start < e + SEQUENTIAL_AHEAD:
+                back, ahead_to = e, min(start + SEQUENTIAL_AHEAD, self.len)
+                break
         while start < end:
             busy = self._overlapping(start, end)
             if busy is not None:
                 await busy.done.wait()
                 continue
-            got = await self._claim(start, end, limited=False)
-            if got is None:
-                if self._overlapping(start, end) is None:
-                    return
-                continue
-            if isinstance(got, _Task):
-                self.on_task(got.nbytes)
-                await self._run_task(got)
+            area = bm.next_dirty_area(start, end, ZERO_CHUNK)
+            if area is None:
+                return
+            pos, n = area
+            own = True
+            if back >= 0:
+                # a sequential writer: the dirty run ahead, and the one just behind it back
+                # to where the last task ended (requests of the writer still on their way)
+                if ahead_to > pos + n and pos + n == end:
+                    more = bm.next_dirty_area(pos, ahead_to)
+                    if more is not None and more[0] == pos:
+                        n = more[1]
+                lo = back
+                while (clear := bm.next_clear(lo, pos)) >= 0:
+                    lo = clear + self.cluster_size
+                n += pos - lo
+                pos = lo
+                back = -1
+                own = start <= pos and pos + n <= end
+            bm.reset(pos, n)
+            task = _Task(pos, pos + n, False)
+            self._inflight.append(task)
+            self._cbw_ends.append(task.end)
+            try:
+                await self._run_claimed(task)
+            except BlockCopyError:
+                if own:
+                    raise
+                # The failure may lie in clusters this write does not touch, which must not
+                # fail it: what was not copied is dirty again, so go on with a claim of this
+                # write's own clusters only; an error there is raised by that one.
 
     async def run(
         self, offset: int, nbytes: int, *, max_workers: int = DEFAULT_WORKERS, pacer: Pacer
