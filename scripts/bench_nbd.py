@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """NBD export throughput: blockd against qemu-storage-daemon on the same image.
 
-``qemu-img bench`` does 1 MiB sequential reads and then writes, queue depth 8, over a Unix
-socket, against a blockd export and a QSD export of identical copies of one raw image. Runs
-alternate between the two daemons so drift of the machine (page cache, CPU frequency) hits
-both alike. Prints each run, the medians and the blockd/QSD ratio.
+``qemu-img bench`` does 1 MiB (``--block-kib``) sequential reads and then writes, queue depth 8,
+over a Unix socket, against a blockd export and a QSD export of identical copies of one raw
+image. Runs alternate between the two daemons so drift of the machine (page cache, CPU
+frequency) hits both alike. Prints each run, the medians and the blockd/QSD ratio.
 
-Usage: scripts/bench_nbd.py [--size-mib 1024] [--count 2048] [--runs 3] [--dir DIR]
+Usage: scripts/bench_nbd.py [--size-mib 1024] [--count 2048] [--runs 3] [--block-kib 1024]
+[--dir DIR]
 """
 
 from __future__ import annotations
@@ -94,16 +95,16 @@ def start(kind: str, work: Path, image: Path) -> tuple[subprocess.Popen[bytes], 
     return proc, f"nbd+unix:///disk?socket={nbd_sock}"
 
 
-def bench(uri: str, write: bool, count: int) -> float:
+def bench(uri: str, write: bool, count: int, block_kib: int = 1024) -> float:
     """MiB/s of one qemu-img bench run."""
-    cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", "8", "-s", "1M"]
+    cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", "8", "-s", f"{block_kib}K"]
     if write:
         cmd.append("-w")
     res = subprocess.run([*cmd, uri], capture_output=True, text=True, check=True)
     m = re.search(r"Run completed in ([0-9.]+) seconds", res.stdout)
     if m is None:
         raise RuntimeError(f"unexpected qemu-img bench output: {res.stdout}{res.stderr}")
-    return count / float(m.group(1))
+    return count * block_kib / 1024 / float(m.group(1))
 
 
 def fill(path: Path, size: int) -> None:
@@ -119,6 +120,8 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=2048, help="requests per run (default 2048)")
     ap.add_argument("--runs", type=int, default=3, help="runs per daemon and mode (default 3)")
     ap.add_argument("--dir", help="work directory (default: a new temporary one)")
+    ap.add_argument("--block-kib", type=int, default=1024,
+                    help="request size in KiB (default 1024; 64 shows per-request cost)")
     args = ap.parse_args()
     if shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None:
         print("bench_nbd: needs qemu-storage-daemon and qemu-img", file=sys.stderr)
@@ -134,12 +137,13 @@ def main() -> int:
         for kind in ("blockd", "qsd"):
             procs[kind], uris[kind] = start(kind, work, images[kind])
         results: dict[tuple[str, str], list[float]] = {}
-        print(f"qemu-img bench: 1 MiB sequential, depth 8, {args.count} requests per run, "
+        print(f"qemu-img bench: {args.block_kib} KiB sequential, depth 8, {args.count} requests "
+              "per run, "
               f"{args.size_mib} MiB raw image, Unix socket")
         for mode in ("read", "write"):
             for run in range(args.runs):
                 for kind in ("blockd", "qsd") if run % 2 == 0 else ("qsd", "blockd"):
-                    mbs = bench(uris[kind], mode == "write", args.count)
+                    mbs = bench(uris[kind], mode == "write", args.count, args.block_kib)
                     results.setdefault((kind, mode), []).append(mbs)
                     print(f"  {mode:5} run {run + 1} {kind:6} {mbs:8.1f} MiB/s", flush=True)
         print()
