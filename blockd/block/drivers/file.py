@@ -103,6 +103,16 @@ def _pwrite_blocking(fd: int, offset: int, data: memoryview, sync: bool) -> None
         os.fdatasync(fd)
 
 
+def _has_no_hole(fd: int, length: int) -> bool:
+    """Whether [0, length) is all data (SEEK_HOLE finds the end of the file)."""
+    if length <= 0:
+        return False
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) >= length
+    except OSError:
+        return False
+
+
 def _seek_status(fd: int, offset: int, nbytes: int) -> tuple[bool, int]:
     """(is_data, length) of the run starting at *offset*."""
     try:
@@ -130,6 +140,9 @@ class FileDriver(BlockDriver):
         self.fd = -1
         self.path = ""
         self._length = 0
+        #: The file is known to hold no hole: block status answers without a syscall. Only
+        #: ever errs towards "data" (a hole punched behind our back still reads as zeroes).
+        self._dense = False
         self._locking = True
         self._held: tuple[Perm, Perm] = (Perm(0), Perm(0))
         self._zero_range_ok = True
@@ -147,6 +160,7 @@ class FileDriver(BlockDriver):
         if self.node.cache_direct:
             self.limits.request_alignment = 4096 if self._probe_direct_4k() else 512
         self.limits.max_transfer = 0
+        self._dense = await run_blocking(_has_no_hole, self.fd, self._length)
 
     def _probe_direct_4k(self) -> bool:
         return True
@@ -212,6 +226,7 @@ class FileDriver(BlockDriver):
         await run_blocking(_pwrite_blocking, self.fd, offset, data, bool(flags & WriteFlags.FUA))
 
     async def pwrite_zeroes(self, offset: int, nbytes: int, flags: WriteFlags) -> None:
+        self._dense = False
         if flags & WriteFlags.MAY_UNMAP:
             try:
                 await run_blocking(
@@ -232,6 +247,7 @@ class FileDriver(BlockDriver):
         await super().pwrite_zeroes(offset, nbytes, flags)
 
     async def pdiscard(self, offset: int, nbytes: int) -> None:
+        self._dense = False
         try:
             await run_blocking(
                 fallocate, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes
@@ -241,7 +257,11 @@ class FileDriver(BlockDriver):
                 raise
 
     async def block_status(self, offset: int, nbytes: int) -> Extent:
-        is_data, n = await run_blocking(_seek_status, self.fd, offset, nbytes)
+        if self._dense:
+            # At 64 KiB NBD reads this saved a thread hop per request.
+            is_data, n = True, nbytes
+        else:
+            is_data, n = await run_blocking(_seek_status, self.fd, offset, nbytes)
         flags = BlockStatus.OFFSET_VALID | BlockStatus.ALLOCATED
         flags |= BlockStatus.DATA if is_data else BlockStatus.ZERO
         return Extent(offset, n, flags, map_node=self.node, map_offset=offset)
@@ -252,6 +272,7 @@ class FileDriver(BlockDriver):
 
     async def truncate(self, size: int, exact: bool, prealloc: str) -> None:
         old = self._length
+        self._dense = False
         await run_blocking(_truncate_blocking, self.fd, old, size, prealloc)
         self._length = size
 
