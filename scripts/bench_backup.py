@@ -95,7 +95,8 @@ def start(kind: str, d: Path) -> tuple[subprocess.Popen[bytes], Path]:
         sock.unlink()
     log = open(d / f"{kind}.log", "wb")  # noqa: SIM115 - lives as long as the process
     if kind == "blockd":
-        cmd = [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", "warning"]
+        level = os.environ.get("BLOCKD_LOG", "warning")  # debug: job timings in blockd.log
+        cmd = [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", level]
     else:
         cmd = ["qemu-storage-daemon", "--chardev", f"socket,path={sock},server=on,wait=off,id=m",
                "--monitor", "chardev=m"]
