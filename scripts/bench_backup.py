@@ -20,89 +20,17 @@ Usage: ``.venv/bin/python scripts/bench_backup.py [--rounds 2] [--dir DIR] [--ke
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-MiB = 1024 * 1024
-GiB = 1024 * MiB
+from benchlib import ROOT, GiB, MiB, Qmp, make_target, node, random_image, run, same, start, stop
 
-
-class Qmp:
-    """Blocking QMP client that waits for one event."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(path))
-        self.buf = b""
-        self.recv()
-        self.cmd("qmp_capabilities")
-
-    def recv(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("daemon closed the connection")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return dict(json.loads(line))
-
-    def cmd(self, execute: str, args: dict[str, Any] | None = None) -> Any:
-        msg: dict[str, Any] = {"execute": execute}
-        if args is not None:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode())
-        while True:
-            m = self.recv()
-            if "event" in m:
-                self.last_event = m
-                continue
-            if "error" in m:
-                raise RuntimeError(f"{execute}: {m['error']['desc']}")
-            return m["return"]
-
-    def wait_event(self, name: str) -> dict[str, Any]:
-        ev = getattr(self, "last_event", None)
-        if ev is not None and ev["event"] == name:
-            return ev
-        while True:
-            m = self.recv()
-            if m.get("event") == name:
-                return m
-
-
-def wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(1000):
-        if proc.poll() is not None:
-            raise RuntimeError("daemon exited")
-        if path.exists():
-            return
-        time.sleep(0.01)
-    raise RuntimeError("no socket")
-
-
-def start(kind: str, d: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = d / f"{kind}.sock"
-    if sock.exists():
-        sock.unlink()
-    log = open(d / f"{kind}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    if kind == "blockd":
-        level = os.environ.get("BLOCKD_LOG", "warning")  # debug: job timings in blockd.log
-        cmd = [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", level]
-    else:
-        cmd = ["qemu-storage-daemon", "--chardev", f"socket,path={sock},server=on,wait=off,id=m",
-               "--monitor", "chardev=m"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    wait_socket(sock, proc)
-    return proc, sock
+# Helper scripts import Qmp, start, node, make_target, peak_rss_mib and run_one from here.
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -112,20 +40,13 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def node(name: str, path: Path, fmt: str) -> dict[str, Any]:
-    return {"driver": fmt, "node-name": name,
-            "file": {"driver": "file", "filename": str(path)}}
-
-
 def make_images(
     d: Path, with_qcow2: bool, sparse_gib: int = 64
 ) -> list[tuple[str, Path, str, int]]:
     cases = []
     dense = d / "dense.raw"
     if not dense.exists():
-        with open(dense, "wb") as f:
-            for _ in range(1024):
-                f.write(os.urandom(MiB))
+        random_image(dense, 1024)
     cases.append(("1 GiB dense raw", dense, "raw", GiB))
     sparse = d / f"sparse{sparse_gib}.raw"
     if not sparse.exists():
@@ -143,16 +64,9 @@ def make_images(
                                   sparse_gib * GiB)):
             q = src.with_suffix(".qcow2")
             if not q.exists():
-                subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-S", "64k",
-                                str(src), str(q)], check=True)
+                run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-S", "64k", src, q)
             cases.append((label, q, "qcow2", size))
     return cases
-
-
-def make_target(path: Path, fmt: str, size: int) -> None:
-    if path.exists():
-        path.unlink()
-    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)], check=True)
 
 
 def run_one(kind: str, d: Path, src: Path, fmt: str, size: int) -> tuple[float, float]:
@@ -160,6 +74,7 @@ def run_one(kind: str, d: Path, src: Path, fmt: str, size: int) -> tuple[float, 
     make_target(tgt, fmt, size)
     subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # warm the cache
     proc, sock = start(kind, d)
+    quit_sent = False
     try:
         q = Qmp(sock)
         q.cmd("blockdev-add", node("src", src, fmt))
@@ -173,14 +88,12 @@ def run_one(kind: str, d: Path, src: Path, fmt: str, size: int) -> tuple[float, 
             raise RuntimeError(f"{kind}: backup failed: {ev['data']['error']}")
         rss = peak_rss_mib(proc.pid)
         q.cmd("quit")
+        quit_sent = True
     finally:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    same = subprocess.run(["qemu-img", "compare", "-q", "-f", fmt, "-F", fmt, str(src), str(tgt)])
+        stop(proc, 30 if quit_sent else 0)
+    ok = same(src, tgt, fmt)
     tgt.unlink()
-    if same.returncode != 0:
+    if not ok:
         raise RuntimeError(f"{kind}: target differs from source")
     return elapsed, rss
 

@@ -27,126 +27,36 @@ Usage: ``.venv/bin/python scripts/bench_cbw.py [--size-mib 512] [--runs 2] [--bl
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-KiB = 1024
-MiB = 1024 * KiB
+from benchlib import (
+    KiB,
+    MiB,
+    Qmp,
+    export_nbd,
+    img_bench,
+    make_target,
+    node,
+    random_image,
+    run,
+    same,
+    start,
+    stop,
+)
+
 PATTERN = 0xA5
-
-
-class Qmp:
-    """Blocking QMP client that keeps every event it sees."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(600)
-        self.sock.connect(str(path))
-        self.buf = b""
-        self.events: list[dict[str, Any]] = []
-        self._recv()
-        self.cmd("qmp_capabilities")
-
-    def _recv(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("daemon closed the connection")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return dict(json.loads(line))
-
-    def cmd(self, execute: str, args: dict[str, Any] | None = None) -> Any:
-        msg: dict[str, Any] = {"execute": execute}
-        if args is not None:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode())
-        while True:
-            m = self._recv()
-            if "event" in m:
-                self.events.append(m)
-                continue
-            if "error" in m:
-                raise RuntimeError(f"{execute}: {m['error']['desc']}")
-            return m["return"]
-
-    def wait_event(self, name: str) -> dict[str, Any]:
-        while True:
-            for i, ev in enumerate(self.events):
-                if ev["event"] == name:
-                    return self.events.pop(i)
-            self.events.append(self._recv())
-
-
-def run(*cmd: str | Path) -> str:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {res.returncode}: {res.stderr}")
-    return res.stdout
-
-
-def start(kind: str, d: Path) -> tuple[subprocess.Popen[bytes], Qmp]:
-    sock = d / f"{kind}.qmp"
-    if sock.exists():
-        sock.unlink()
-    log = open(d / f"{kind}.log", "ab")  # noqa: SIM115 - lives as long as the process
-    if kind == "blockd":
-        cmd = [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", "warning"]
-    else:
-        cmd = ["qemu-storage-daemon", "--chardev", f"socket,path={sock},server=on,wait=off,id=m",
-               "--monitor", "chardev=m"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    log.close()
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{kind} did not start; see {d / f'{kind}.log'}")
-        time.sleep(0.02)
-    return proc, Qmp(sock)
-
-
-def stop(proc: subprocess.Popen[bytes], q: Qmp | None) -> None:
-    try:
-        if q is not None:
-            q.cmd("quit")
-        proc.wait(timeout=30)
-    except (OSError, EOFError, RuntimeError, subprocess.TimeoutExpired):
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def node(name: str, path: Path, fmt: str) -> dict[str, Any]:
-    return {"driver": fmt, "node-name": name, "file": {"driver": "file", "filename": str(path)}}
 
 
 def bench(uri: str, args: argparse.Namespace) -> float:
     """Seconds one ``qemu-img bench`` write run took (as qemu-img reports it)."""
     count = args.write_mib * MiB // args.block_size
-    res = subprocess.run(
-        ["qemu-img", "bench", "-f", "raw", "-w", "-t", "none", "-c", str(count),
-         "-d", str(args.depth), "-s", str(args.block_size), "-o", str(args.offset_mib * MiB),
-         f"--pattern={PATTERN}", uri],
-        capture_output=True, text=True,
-    )
-    m = re.search(r"Run completed in ([0-9.]+) seconds", res.stdout)
-    if res.returncode != 0 or m is None:
-        raise RuntimeError(f"qemu-img bench failed: {res.stdout}{res.stderr}")
-    return float(m.group(1))
+    return img_bench(uri, "-w", "-t", "none", "-c", str(count), "-d", str(args.depth),
+                     "-s", str(args.block_size), "-o", str(args.offset_mib * MiB),
+                     f"--pattern={PATTERN}")
 
 
 def one_run(
@@ -156,17 +66,14 @@ def one_run(
     size = args.size_mib * MiB
     src, tgt = d / f"src.{fmt}", d / f"tgt.{fmt}"
     shutil.copyfile(pristine, src)
-    run("qemu-img", "create", "-q", "-f", fmt, tgt, str(size))
-    proc, q = start(kind, d)
-    ok = False
+    make_target(tgt, fmt, size)
+    proc, sock = start(kind, d)
+    quit_sent = False
     try:
+        q = Qmp(sock)
         q.cmd("blockdev-add", node("src", src, fmt))
         q.cmd("blockdev-add", node("tgt", tgt, fmt))
-        nbd_sock = d / "nbd.sock"
-        q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd_sock)}}})
-        q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "src",
-                                   "writable": True})
-        uri = f"nbd+unix:///src?socket={nbd_sock}"
+        uri = export_nbd(q, "src", d / "nbd.sock")
         q.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
                                   "sync": "full", "speed": args.speed_kib * KiB})
         during = bench(uri, args)
@@ -178,13 +85,13 @@ def one_run(
         if "error" in ev["data"] or ev["data"]["offset"] != size:
             raise RuntimeError(f"{kind}: backup failed: {ev['data']}")
         baseline = bench(uri, args)
-        q.cmd("block-export-del", {"id": "e"})
+        q.cmd("block-export-del", {"id": "src"})
         q.cmd("nbd-server-stop")
-        ok = True
+        q.cmd("quit")
+        quit_sent = True
     finally:
-        stop(proc, q if ok else None)
-    res = subprocess.run(["qemu-img", "compare", "-q", "-f", fmt, "-F", fmt, pristine, tgt])
-    if res.returncode != 0:
+        stop(proc, 30 if quit_sent else 0)
+    if not same(pristine, tgt, fmt):
         raise RuntimeError(f"{kind}: {fmt} target differs from the image at job start")
     out = run("qemu-io", "-f", fmt, "-c",
               f"read -P {PATTERN} {args.offset_mib * MiB} {args.write_mib * MiB}", src)
@@ -194,14 +101,6 @@ def one_run(
     tgt.unlink()
     mib = args.write_mib
     return mib / during, mib / baseline
-
-
-def make_pristine(d: Path, size_mib: int) -> Path:
-    raw = d / "pristine.raw"
-    with open(raw, "wb") as f:
-        for _ in range(size_mib):
-            f.write(os.urandom(MiB))
-    return raw
 
 
 def main() -> int:
@@ -226,7 +125,7 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="bench-cbw-", dir=args.dir))
     kinds = [args.only] if args.only else ["blockd", "qsd"]
     try:
-        raw = make_pristine(base, args.size_mib)
+        raw = random_image(base / "pristine.raw", args.size_mib)
         print(f"{args.write_mib} MiB of {args.block_size // KiB} KiB writes at depth "
               f"{args.depth} over NBD, {args.size_mib} MiB image of random data, backup "
               f"speed {args.speed_kib} KiB/s", flush=True)

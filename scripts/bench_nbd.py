@@ -13,98 +13,35 @@ Usage: scripts/bench_nbd.py [--size-mib 1024] [--count 2048] [--runs 3] [--block
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-MiB = 1 << 20
+from benchlib import MiB, Qmp, export_nbd, img_bench, node, start, stop
 
 
-class Qmp:
-    """Just enough QMP: negotiate, run a command, fail loudly on an error reply."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.buf = b""
-        self._recv()
-        self.run("qmp_capabilities")
-
-    def _recv(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("QMP connection closed")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return dict(json.loads(line))
-
-    def run(self, execute: str, arguments: dict[str, Any] | None = None) -> Any:
-        msg: dict[str, Any] = {"execute": execute, "id": 1}
-        if arguments is not None:
-            msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode())
-        while True:
-            reply = self._recv()
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise RuntimeError(f"{execute}: {reply['error']['desc']}")
-            return reply["return"]
-
-
-def wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(1000):
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode}")
-        if path.exists():
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"no socket at {path}")
-
-
-def start(kind: str, work: Path, image: Path) -> tuple[subprocess.Popen[bytes], str]:
-    qmp_sock = work / f"{kind}.qmp"
-    log = open(work / f"{kind}.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-    if kind == "blockd":
-        cmd = [sys.executable, "-m", "blockd", "--socket", str(qmp_sock), "--log-level", "warning"]
-    else:
-        cmd = ["qemu-storage-daemon", "--chardev",
-               f"socket,path={qmp_sock},server=on,wait=off,id=m0", "--monitor", "chardev=m0"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    wait_socket(qmp_sock, proc)
-    q = Qmp(qmp_sock)
-    q.run("blockdev-add", {"driver": "raw", "node-name": "disk",
-                           "file": {"driver": "file", "filename": str(image)}})
-    nbd_sock = work / f"{kind}.nbd"
-    q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd_sock)}}})
-    q.run("block-export-add", {"type": "nbd", "id": "e0", "node-name": "disk",
-                               "writable": True})
-    q.sock.close()
-    return proc, f"nbd+unix:///disk?socket={nbd_sock}"
+def start_export(kind: str, work: Path, image: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start *kind* exporting the raw *image* writable over NBD; returns the process and URI."""
+    proc, sock = start(kind, work)
+    try:
+        q = Qmp(sock)
+        q.cmd("blockdev-add", node("disk", image, "raw"))
+        uri = export_nbd(q, "disk", work / f"{kind}.nbd")
+        q.close()
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, uri
 
 
 def bench(uri: str, write: bool, count: int, block_kib: int = 1024) -> float:
     """MiB/s of one qemu-img bench run."""
-    cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", "8", "-s", f"{block_kib}K"]
-    if write:
-        cmd.append("-w")
-    res = subprocess.run([*cmd, uri], capture_output=True, text=True, check=True)
-    m = re.search(r"Run completed in ([0-9.]+) seconds", res.stdout)
-    if m is None:
-        raise RuntimeError(f"unexpected qemu-img bench output: {res.stdout}{res.stderr}")
-    return count * block_kib / 1024 / float(m.group(1))
+    opts = ["-c", str(count), "-d", "8", "-s", f"{block_kib}K", *(["-w"] if write else [])]
+    return count * block_kib / 1024 / img_bench(uri, *opts)
 
 
 def fill(path: Path, size: int) -> None:
@@ -135,7 +72,7 @@ def main() -> int:
     uris = {}
     try:
         for kind in ("blockd", "qsd"):
-            procs[kind], uris[kind] = start(kind, work, images[kind])
+            procs[kind], uris[kind] = start_export(kind, work, images[kind])
         results: dict[tuple[str, str], list[float]] = {}
         print(f"qemu-img bench: {args.block_kib} KiB sequential, depth 8, {args.count} requests "
               "per run, "
@@ -154,11 +91,7 @@ def main() -> int:
                   f"blockd/QSD = {b / q:.2f}")
     finally:
         for p in procs.values():
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop(p)
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -36,8 +36,6 @@ import asyncio
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,19 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchlib import MiB, make_target, node, run, same, start, stop
 from qemu.qmp import QMPClient
 
-ROOT = Path(__file__).resolve().parent.parent
-MiB = 1024 * 1024
 CLUSTER = 64 * 1024
-
-
-# -- tools --------------------------------------------------------------------------------------
-def run(*cmd: str | Path) -> str:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {res.returncode}: {res.stderr}")
-    return res.stdout
 
 
 def qemu_io(fmt: str, target: str | Path, cmds: list[str]) -> None:
@@ -68,17 +57,6 @@ def qemu_io(fmt: str, target: str | Path, cmds: list[str]) -> None:
     out = run(*args, target)
     if "error" in out.lower() or "failed" in out.lower():
         raise RuntimeError(f"qemu-io on {target}: {out[-2000:]}")
-
-
-def same(a: Path, b: Path, fmt: str) -> bool:
-    res = subprocess.run(
-        ["qemu-img", "compare", "-q", "-U", "-f", fmt, "-F", fmt, str(a), str(b)],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode not in (0, 1):
-        raise RuntimeError(f"qemu-img compare {a} {b}: {res.stderr}")
-    return res.returncode == 0
 
 
 # -- the image and the writes ---------------------------------------------------------------------
@@ -156,9 +134,9 @@ class Writer:
     discarded: list[tuple[int, int]] = field(default_factory=list)
     error: BaseException | None = None
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, halt: threading.Event) -> None:
         try:
-            while not stop.is_set():
+            while not halt.is_set():
                 reqs = [
                     request(self.rng, self.lo, self.hi, self.discards) for _ in range(self.batch)
                 ]
@@ -173,44 +151,12 @@ class Writer:
             self.error = exc
 
 
-# -- daemons --------------------------------------------------------------------------------------
-def start_daemon(kind: str, d: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = d / f"{kind}.sock"
-    log = open(d / f"{kind}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    if kind == "blockd":
-        cmd = [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", "warning"]
-    else:
-        cmd = [
-            "qemu-storage-daemon",
-            "--chardev",
-            f"socket,path={sock},server=on,wait=off,id=m",
-            "--monitor",
-            "chardev=m",
-        ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    log.close()
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{kind} did not start; see {d / f'{kind}.log'}")
-        time.sleep(0.02)
-    return proc, sock
-
-
-def node(name: str, path: Path, fmt: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "driver": fmt,
-        "node-name": name,
-        "file": {"driver": "file", "filename": str(path)},
-        **extra,
-    }
-
-
+# -- the backup --------------------------------------------------------------------------------
 async def backup_under_writes(
     kind: str, d: Path, fmt: str, speed: int, timeout: float, writers: list[Writer]
 ) -> dict[str, Any]:
     """Steps 3 and 4; returns timings and the job's completion event data."""
-    proc, sock = start_daemon(kind, d)
+    proc, sock = start(kind, d)
     qmp = QMPClient(f"point-in-time-{kind}")
     quit_sent = False
     try:
@@ -227,8 +173,8 @@ async def backup_under_writes(
             args = {"job-id": "pit", "device": "src", "target": "tgt", "sync": "full"}
             await qmp.execute("blockdev-backup", {**args, "speed": speed})
             started = time.monotonic()
-            stop = threading.Event()
-            threads = [threading.Thread(target=w.run, args=(stop,)) for w in writers]
+            halt = threading.Event()
+            threads = [threading.Thread(target=w.run, args=(halt,)) for w in writers]
             for t in threads:
                 t.start()
             try:
@@ -242,7 +188,7 @@ async def backup_under_writes(
                             break
                 finished = time.monotonic()
             finally:
-                stop.set()
+                halt.set()
                 for t in threads:
                     await asyncio.to_thread(t.join)
             for w in writers:
@@ -259,15 +205,7 @@ async def backup_under_writes(
             await qmp.disconnect()
         except EOFError:
             pass  # the daemon closed the connection first, as it does on quit
-        try:
-            proc.wait(timeout=30 if quit_sent else 0.1)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, 30 if quit_sent else 0)
     return {"started": started, "finished": finished, "done": done}
 
 
@@ -284,7 +222,7 @@ def one_run(kind: str, seed: int, args: argparse.Namespace, base: Path) -> bool:
         t0 = time.monotonic()
         data = build_source(src, size, args.fill / 100, rng, fmt)
         run("qemu-img", "convert", "-f", fmt, "-O", fmt, src, orig)
-        run("qemu-img", "create", "-q", "-f", fmt, tgt, str(size))
+        make_target(tgt, fmt, size)
         print(
             f"{kind} seed {seed}: {args.size_mib} MiB {fmt} image with {data // MiB} MiB of data "
             f"built in {time.monotonic() - t0:.1f} s; backup at {speed / MiB:.0f} MiB/s, "

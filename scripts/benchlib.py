@@ -1,0 +1,169 @@
+"""What the scripts under scripts/ share: start and stop blockd or qemu-storage-daemon, a
+blocking QMP client, and thin wrappers around qemu-img.
+
+The scripts run as ``.venv/bin/python scripts/X.py``, which puts scripts/ on ``sys.path``, so
+``import benchlib`` works from any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class Qmp:
+    """Blocking QMP client that keeps every event it sees until wait_event() takes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(600)
+        self.sock.connect(str(path))
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []
+        self._recv()
+        self.cmd("qmp_capabilities")
+
+    def _recv(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("daemon closed the connection")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return dict(json.loads(line))
+
+    def cmd(self, execute: str, args: dict[str, Any] | None = None) -> Any:
+        msg: dict[str, Any] = {"execute": execute}
+        if args is not None:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode())
+        while True:
+            m = self._recv()
+            if "event" in m:
+                self.events.append(m)
+                continue
+            if "error" in m:
+                raise RuntimeError(f"{execute}: {m['error']['desc']}")
+            return m["return"]
+
+    def wait_event(self, name: str) -> dict[str, Any]:
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev["event"] == name:
+                    return self.events.pop(i)
+            self.events.append(self._recv())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start(kind: str, d: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start ``blockd`` or ``qsd`` with its QMP monitor on ``d/KIND.qmp`` and its output in
+    ``d/KIND.log``; returns the process and the monitor socket once it exists. blockd logs at
+    $BLOCKD_LOG (default warning; debug puts job timings in blockd.log)."""
+    sock = d / f"{kind}.qmp"
+    if sock.exists():
+        sock.unlink()
+    if kind == "blockd":
+        level = os.environ.get("BLOCKD_LOG", "warning")
+        cmd = [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", level]
+    else:
+        cmd = ["qemu-storage-daemon", "--chardev", f"socket,path={sock},server=on,wait=off,id=m",
+               "--monitor", "chardev=m"]
+    with open(d / f"{kind}.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"{kind} did not start; see {d / f'{kind}.log'}")
+        time.sleep(0.02)
+    return proc, sock
+
+
+def stop(proc: subprocess.Popen[bytes], wait: float = 0) -> None:
+    """Give the daemon *wait* seconds to exit (after a ``quit``), then terminate it, and kill
+    it if it still runs 20 s later."""
+    try:
+        proc.wait(timeout=wait)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def node(name: str, path: Path, fmt: str, **extra: Any) -> dict[str, Any]:
+    """blockdev-add arguments of a *fmt* node over a file."""
+    return {"driver": fmt, "node-name": name,
+            "file": {"driver": "file", "filename": str(path)}, **extra}
+
+
+def export_nbd(q: Qmp, node_name: str, path: Path) -> str:
+    """Export *node_name* writable over NBD on the Unix socket *path* (export id: the node
+    name); returns the URI."""
+    q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(path)}}})
+    q.cmd("block-export-add", {"type": "nbd", "id": node_name, "node-name": node_name,
+                               "writable": True})
+    return f"nbd+unix:///{node_name}?socket={path}"
+
+
+# -- tools --------------------------------------------------------------------------------------
+def run(*cmd: str | Path) -> str:
+    """stdout of *cmd*; raises with its stderr when it fails."""
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {res.returncode}: {res.stderr}")
+    return res.stdout
+
+
+def make_target(path: Path, fmt: str, size: int) -> None:
+    """A fresh empty *fmt* image of *size* bytes at *path* (replacing any file there)."""
+    if path.exists():
+        path.unlink()
+    run("qemu-img", "create", "-q", "-f", fmt, path, str(size))
+
+
+def same(a: Path, b: Path, fmt: str) -> bool:
+    """Whether two *fmt* images hold the same data (``qemu-img compare``)."""
+    res = subprocess.run(
+        ["qemu-img", "compare", "-q", "-U", "-f", fmt, "-F", fmt, str(a), str(b)],
+        capture_output=True, text=True,
+    )
+    if res.returncode not in (0, 1):
+        raise RuntimeError(f"qemu-img compare {a} {b}: {res.stderr}")
+    return res.returncode == 0
+
+
+def random_image(path: Path, size_mib: int) -> Path:
+    """A raw image of *size_mib* MiB of random data."""
+    with open(path, "wb") as f:
+        for _ in range(size_mib):
+            f.write(os.urandom(MiB))
+    return path
+
+
+def img_bench(uri: str, *opts: str) -> float:
+    """Seconds one ``qemu-img bench -f raw OPTS URI`` run took (as qemu-img reports it)."""
+    res = subprocess.run(["qemu-img", "bench", "-f", "raw", *opts, uri],
+                         capture_output=True, text=True)
+    m = re.search(r"Run completed in ([0-9.]+) seconds", res.stdout)
+    if res.returncode != 0 or m is None:
+        raise RuntimeError(f"qemu-img bench failed: {res.stdout}{res.stderr}")
+    return float(m.group(1))
