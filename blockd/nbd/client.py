@@ -443,8 +443,7 @@ async def negotiate(
         raise NbdConnectError(
             _option_error_text(P.OPT_GO, rtype, data.decode("utf-8", "replace"))
         )
-    writer.write(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_EXPORT_NAME, len(name)) + name)
-    await writer.drain()
+    await _send_option(writer, P.OPT_EXPORT_NAME, name)
     try:
         raw = await reader.readexactly(10)
     except asyncio.IncompleteReadError:

@@ -6,18 +6,17 @@ cannot be deleted under it and a snapshot or a mirror pivot moves the export to 
 layer. Every request therefore goes to ``self.edge.node``, looked up per request, never to a
 node remembered at creation time.
 
-Dirty bitmaps are reached through :func:`find_bitmap` and :func:`bitmap_extents` only: the
-bitmap objects come from another module, and these two functions are the whole contract
-(``.name``, ``.granularity``, ``.is_recording()``, ``busy`` and a way to list dirty areas).
+Exported dirty bitmaps are :class:`~blockd.bitmap.dirty.DirtyBitmap` objects, marked busy by
+the command that creates the export and released here on deletion.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from blockd.bitmap.dirty import DirtyBitmap
 from blockd.block.node import BdrvChild, BlockNode, BlockUser
 from blockd.block.perm import Perm
 from blockd.block.status import BlockStatus
@@ -27,74 +26,6 @@ if TYPE_CHECKING:
     from blockd.nbd.server import NbdConnection
 
 log = logging.getLogger(__name__)
-
-
-# -- dirty bitmaps -----------------------------------------------------------------------------
-def find_bitmap(node: BlockNode, name: str) -> Any | None:
-    """The dirty bitmap *name* of *node*, or None. The one place bitmaps are looked up."""
-    lookup = getattr(node, "find_dirty_bitmap", None)
-    if callable(lookup):
-        return lookup(name)
-    for bm in getattr(node, "dirty_bitmaps", []) or []:
-        if getattr(bm, "name", None) == name:
-            return bm
-    return None
-
-
-def bitmap_is_busy(bm: Any) -> bool:
-    busy = getattr(bm, "busy", False)
-    return bool(busy() if callable(busy) else busy)
-
-
-def set_bitmap_busy(bm: Any, busy: bool) -> None:
-    """Mark *bm* as used by an export (QEMU: bdrv_dirty_bitmap_set_busy)."""
-    setter = getattr(bm, "set_busy", None)
-    if callable(setter):
-        setter(busy)
-    else:
-        try:
-            bm.busy = busy
-        except AttributeError:
-            log.debug("bitmap %s has no busy flag", getattr(bm, "name", "?"))
-
-
-def bitmap_extents(bm: Any, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-    """``(start, length, dirty)`` runs covering ``[offset, offset + length)`` in order.
-
-    Works with whichever query the bitmap offers: ``dirty_extents(offset, length)`` yielding
-    the same triples, ``next_dirty_area(offset, end) -> (start, length) | None`` (on the
-    bitmap or its ``hb`` HBitmap, as blockd.bitmap.dirty has it), or ``is_dirty(offset)``
-    probed per granule.
-    """
-    end = offset + length
-    if not hasattr(bm, "next_dirty_area") and hasattr(getattr(bm, "hb", None), "next_dirty_area"):
-        bm = bm.hb  # blockd.bitmap.dirty.DirtyBitmap keeps its bits in an HBitmap
-    if hasattr(bm, "dirty_extents"):
-        yield from bm.dirty_extents(offset, length)
-        return
-    if hasattr(bm, "next_dirty_area"):
-        pos = offset
-        while pos < end:
-            area = bm.next_dirty_area(pos, end)
-            if area is None:
-                yield (pos, end - pos, False)
-                return
-            start, n = area
-            start = max(start, pos)
-            n = min(start + n, end) - start
-            if start > pos:
-                yield (pos, start - pos, False)
-            if n <= 0:
-                return
-            yield (start, n, True)
-            pos = start + n
-        return
-    gran = max(1, int(getattr(bm, "granularity", 65536)))
-    pos = offset
-    while pos < end:
-        nxt = min(end, (pos // gran + 1) * gran)
-        yield (pos, nxt - pos, bool(bm.is_dirty(pos)))
-        pos = nxt
 
 
 # -- the export ------------------------------------------------------------------------------
@@ -115,7 +46,7 @@ class NbdExport(BlockUser):
         description: str | None,
         writable: bool,
         writethrough: bool,
-        bitmaps: list[Any],
+        bitmaps: list[DirtyBitmap],
         allocation_depth: bool,
         multi_conn: bool,
     ) -> None:
@@ -125,6 +56,7 @@ class NbdExport(BlockUser):
         self.description = description
         self.writable = writable
         self.writethrough = writethrough
+        #: Exported bitmaps, already marked busy by the caller; released on deletion.
         self.bitmaps = bitmaps
         self.allocation_depth = allocation_depth
         self.multi_conn = multi_conn
@@ -133,7 +65,6 @@ class NbdExport(BlockUser):
         self.deleted = asyncio.Event()
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
         self.edge: BdrvChild = self.attach(node, perm, Perm.all())
-        #: Exported bitmaps, already marked busy by the caller; released on deletion.
         #: The size clients see, fixed when the export is created as QEMU does.
         self.size = node.length
 
@@ -146,8 +77,9 @@ class NbdExport(BlockUser):
         log.info("export %s now on node %s (was %s)", self.id, new.node_name, old.node_name)
 
     # -- what clients see ---------------------------------------------------------------------
-    def transmission_flags(self) -> int:
-        """Flags for NBD_INFO_EXPORT (QEMU's set, plus multi-conn for writable exports).
+    def transmission_flags(self, structured: bool) -> int:
+        """Flags for NBD_INFO_EXPORT (QEMU's set, plus multi-conn for writable exports);
+        *structured*: the client negotiated structured replies, so DF is offered.
 
         Multi-conn is safe for writable exports in blockd because every connection goes
         through the same node: a write completed on one connection is visible to reads on
@@ -161,6 +93,8 @@ class NbdExport(BlockUser):
             flags |= P.FLAG_READ_ONLY
         if self.multi_conn:
             flags |= P.FLAG_CAN_MULTI_CONN
+        if structured:
+            flags |= P.FLAG_SEND_DF
         return flags
 
     def contexts(self) -> list[str]:
@@ -199,10 +133,16 @@ class NbdExport(BlockUser):
 
         if context.startswith(P.CONTEXT_DIRTY_BITMAP_PREFIX):
             name = context[len(P.CONTEXT_DIRTY_BITMAP_PREFIX) :]
-            bm = next(b for b in self.bitmaps if b.name == name)
-            for _start, n, dirty in bitmap_extents(bm, offset, length):
-                if n > 0 and not add(n, P.STATE_DIRTY if dirty else 0):
-                    break
+            hb = next(b for b in self.bitmaps if b.name == name).hb
+            pos = offset
+            for start, n in hb.dirty_areas(offset, end):
+                if start > pos and not add(start - pos, 0):
+                    return out
+                if not add(n, P.STATE_DIRTY):
+                    return out
+                pos = start + n
+            if end > pos:
+                add(end - pos, 0)
             return out
         pos = offset
         node = self.node
@@ -232,6 +172,6 @@ class NbdExport(BlockUser):
     async def release(self) -> None:
         """Detach from the node and free the bitmaps: the last step of deletion."""
         for bm in self.bitmaps:
-            set_bitmap_busy(bm, False)
+            bm.busy = False
         await self.detach_all()
         self.deleted.set()

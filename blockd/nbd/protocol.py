@@ -179,6 +179,10 @@ OPTION_REPLY_HEADER = struct.Struct(">QIII")  # magic, option, type, length
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle(cookie), offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
 CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, handle, length
+#: A chunk header with the offset that starts OFFSET_DATA and OFFSET_HOLE payloads, and the
+#: hole's length: one pack (and one send) per chunk on the read path.
+DATA_CHUNK_HEADER = struct.Struct(">IHHQIQ")
+HOLE_CHUNK = struct.Struct(">IHHQIQI")
 EXPORT_INFO = struct.Struct(">HQH")  # NBD_INFO_EXPORT: type, size, flags
 BLOCK_SIZE_INFO = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE: type, min, preferred, max
 U16 = struct.Struct(">H")
@@ -209,6 +213,19 @@ def option_reply(option: int, rtype: int, payload: bytes = b"") -> bytes:
 def chunk(flags: int, rtype: int, handle: int, payload_len: int) -> bytes:
     """Header of a structured reply chunk whose payload (of *payload_len* bytes) follows."""
     return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, rtype, handle, payload_len)
+
+
+def data_chunk_header(flags: int, handle: int, offset: int, data_len: int) -> bytes:
+    """Header and offset of an OFFSET_DATA chunk whose *data_len* bytes follow."""
+    return DATA_CHUNK_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA, handle, 8 + data_len, offset
+    )
+
+
+def hole_chunk(flags: int, handle: int, offset: int, length: int) -> bytes:
+    return HOLE_CHUNK.pack(
+        STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_HOLE, handle, 12, offset, length
+    )
 
 
 def error_chunk(handle: int, nbd_err: int, message: str = "", done: bool = True) -> bytes:

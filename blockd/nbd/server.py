@@ -204,8 +204,14 @@ class NbdConnection:
                 self._error(opt, P.REP_ERR_UNSUP, f"Unsupported option {opt}")
             await self._drain()
 
-    def _find_export(self, raw: bytes) -> NbdExport | None:
-        return self.server.service.export_by_name(raw.decode("utf-8", "replace"))
+    def _find_export(self, opt: int, raw: bytes) -> NbdExport | None:
+        """The export named *raw*; when there is none, refuse *opt* with QEMU's text (for
+        NBD_OPT_EXPORT_NAME, which has no error reply, the caller hangs up instead)."""
+        name = raw.decode("utf-8", "replace")
+        export = self.server.service.export_by_name(name)
+        if export is None and opt != P.OPT_EXPORT_NAME:
+            self._error(opt, P.REP_ERR_UNKNOWN, f"export '{name}' not present")
+        return export
 
     def _enter(self, export: NbdExport) -> NbdExport | None:
         if export.shutting_down or self.closed:
@@ -218,12 +224,10 @@ class NbdConnection:
         return export
 
     def _opt_export_name(self, data: bytes) -> NbdExport | None:
-        export = self._find_export(data)
+        export = self._find_export(P.OPT_EXPORT_NAME, data)
         if export is None:
             raise P.ProtocolError(f"export {data[:100]!r} not present")
-        flags = export.transmission_flags()
-        if self.structured:
-            flags |= P.FLAG_SEND_DF
+        flags = export.transmission_flags(self.structured)
         self._write(P.U64.pack(export.size) + P.U16.pack(flags))
         if not self.no_zeroes:
             self._write(bytes(124))
@@ -255,11 +259,8 @@ class NbdConnection:
         requests = {
             P.U16.unpack_from(data, 6 + namelen + 2 * i)[0] for i in range(nreq)
         }
-        export = self._find_export(name)
+        export = self._find_export(opt, name)
         if export is None:
-            self._error(
-                opt, P.REP_ERR_UNKNOWN, f"export '{name.decode('utf-8', 'replace')}' not present"
-            )
             return None
         if P.INFO_NAME in requests:
             self._reply(opt, P.REP_INFO, P.U16.pack(P.INFO_NAME) + export.name.encode())
@@ -278,9 +279,7 @@ class NbdConnection:
                 P.INFO_BLOCK_SIZE, min_bs, max(4096, min_bs), min(max_t, P.MAX_BUFFER_SIZE)
             ),
         )
-        flags = export.transmission_flags()
-        if self.structured:
-            flags |= P.FLAG_SEND_DF
+        flags = export.transmission_flags(self.structured)
         self._reply(opt, P.REP_INFO, P.EXPORT_INFO.pack(P.INFO_EXPORT, export.size, flags))
         if opt == P.OPT_GO and not want_bs and align > 1:
             self._error(
@@ -325,11 +324,8 @@ class NbdConnection:
         except (ValueError, struct.error):
             self._error(opt, P.REP_ERR_INVALID, "bad length received")
             return
-        export = self._find_export(name)
+        export = self._find_export(opt, name)
         if export is None:
-            self._error(
-                opt, P.REP_ERR_UNKNOWN, f"export '{name.decode('utf-8', 'replace')}' not present"
-            )
             return
         offered = export.contexts()
         chosen: list[int] = []
@@ -354,18 +350,19 @@ class NbdConnection:
     # -- transmission ----------------------------------------------------------------------
     async def _transmission(self) -> None:
         assert self.export is not None
+        readexactly = self.reader.readexactly
+        unpack = P.REQUEST.unpack
         hdr_size = P.REQUEST.size
         while not self.closed:
-            raw = await self._read(hdr_size)
-            magic, flags, rtype, handle, offset, length = P.REQUEST.unpack(raw)
+            magic, flags, rtype, handle, offset, length = unpack(await readexactly(hdr_size))
             if magic != P.REQUEST_MAGIC:
                 raise P.ProtocolError(f"bad request magic {magic:#x}")
             req = P.Request(flags, rtype, handle, offset, length)
             if rtype == P.CMD_DISC:
                 self.log.debug("nbd#%d: disconnect requested", self.num)
                 return
-            cost = length if rtype in (P.CMD_READ, P.CMD_WRITE) else 0
-            if rtype in (P.CMD_READ, P.CMD_WRITE) and length > P.MAX_BUFFER_SIZE:
+            cost = length if rtype == P.CMD_READ or rtype == P.CMD_WRITE else 0
+            if cost > P.MAX_BUFFER_SIZE:
                 self._simple_or_error(req, P.NBD_EINVAL, f"len ({length}) is larger than max len")
                 await self._drain()
                 if rtype == P.CMD_WRITE:
@@ -374,13 +371,14 @@ class NbdConnection:
             await self._wait_budget(cost)
             if self.closed:
                 return
-            payload = await self._read(length) if rtype == P.CMD_WRITE and length else b""
+            payload = await readexactly(length) if rtype == P.CMD_WRITE and length else b""
             # No await between here and the task's creation: arrival order is kept.
             self._inflight_bytes += cost
-            task = asyncio.create_task(self._serve(req, payload, cost))
-            self._tasks.add(task)
+            self._tasks.add(asyncio.create_task(self._serve(req, payload, cost)))
 
     async def _wait_budget(self, cost: int) -> None:
+        """Wait until the request costing *cost* fits in the connection's budget (one request
+        always fits)."""
         while not self.closed and self._tasks and (
             len(self._tasks) >= MAX_REQUESTS or self._inflight_bytes + cost > MAX_INFLIGHT_BYTES
         ):
@@ -411,6 +409,9 @@ class NbdConnection:
             self._write(P.error_chunk(req.handle, err, msg))
         else:
             self._write(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, err, req.handle))
+
+    def _os_error(self, req: P.Request, exc: OSError) -> None:
+        self._simple_or_error(req, P.errno_to_nbd(errno_of(exc)), exc.strerror or str(exc))
 
     def _check(self, req: P.Request) -> tuple[int, str]:
         """Validate a request; (nbd error, message) or (0, "")."""
@@ -483,7 +484,7 @@ class NbdConnection:
                 await node.read(req.offset, req.length)  # warms the cache; data dropped
             self._simple_or_error(req, 0)
         except OSError as exc:
-            self._simple_or_error(req, P.errno_to_nbd(errno_of(exc)), str(exc.strerror or exc))
+            self._os_error(req, exc)
 
     async def _do_read(self, req: P.Request) -> None:
         export = self.export
@@ -493,19 +494,17 @@ class NbdConnection:
             if self.structured:
                 self._write(P.chunk(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, req.handle, 0))
             else:
-                self._write(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, req.handle))
+                self._simple_or_error(req, 0)
             return
         if not self.structured or req.flags & P.CMD_FLAG_DF:
             try:
                 data = await node.read(req.offset, req.length)
             except OSError as exc:
-                self._simple_or_error(req, P.errno_to_nbd(errno_of(exc)), str(exc.strerror))
+                self._os_error(req, exc)
                 return
             if self.structured:
                 self._write(
-                    P.chunk(P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req.handle, 8 + len(data)),
-                    P.U64.pack(req.offset),
-                    data,
+                    P.data_chunk_header(P.REPLY_FLAG_DONE, req.handle, req.offset, len(data)), data
                 )
             else:
                 self._write(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, req.handle), data)
@@ -536,18 +535,16 @@ class NbdConnection:
             data = memoryview(await reading).cast("B")
         except OSError as exc:
             if any(not hole for _o, _n, hole in runs):
-                self._simple_or_error(req, P.errno_to_nbd(errno_of(exc)), str(exc.strerror))
+                self._os_error(req, exc)
                 return
             data = memoryview(b"")
         out: list[bytes | bytearray | memoryview] = []
         for i, (off, n, hole) in enumerate(runs):
             flags = P.REPLY_FLAG_DONE if i == len(runs) - 1 else 0
             if hole:
-                out.append(P.chunk(flags, P.REPLY_TYPE_OFFSET_HOLE, req.handle, 12))
-                out.append(P.U64.pack(off) + P.U32.pack(n))
+                out.append(P.hole_chunk(flags, req.handle, off, n))
             else:
-                out.append(P.chunk(flags, P.REPLY_TYPE_OFFSET_DATA, req.handle, 8 + n))
-                out.append(P.U64.pack(off))
+                out.append(P.data_chunk_header(flags, req.handle, off, n))
                 out.append(data[off - req.offset : off - req.offset + n])
         self._write(*out)
 
@@ -561,20 +558,18 @@ class NbdConnection:
             self._simple_or_error(req, P.NBD_EINVAL, "need non-zero length")
             return
         max_ext = 1 if req.flags & P.CMD_FLAG_REQ_ONE else P.MAX_BLOCK_STATUS_EXTENTS
-        chunks: list[bytes] = []
+        out: list[bytes] = []
         try:
-            for ctx_id, name in self.meta:
+            for i, (ctx_id, name) in enumerate(self.meta):
                 exts = await export.context_extents(name, req.offset, req.length, max_ext)
                 body = P.U32.pack(ctx_id) + b"".join(P.EXTENT.pack(n, f) for n, f in exts)
-                chunks.append(body)
+                flags = P.REPLY_FLAG_DONE if i == len(self.meta) - 1 else 0
+                out.append(P.chunk(flags, P.REPLY_TYPE_BLOCK_STATUS, req.handle, len(body)))
+                out.append(body)
         except OSError as exc:
-            self._simple_or_error(req, P.errno_to_nbd(errno_of(exc)), str(exc.strerror))
+            self._os_error(req, exc)
             return
-        out = []
-        for i, body in enumerate(chunks):
-            flags = P.REPLY_FLAG_DONE if i == len(chunks) - 1 else 0
-            out.append(P.chunk(flags, P.REPLY_TYPE_BLOCK_STATUS, req.handle, len(body)) + body)
-        self._write(*out)
+        self._write(b"".join(out))
 
 
 def _list_match(query: str, ctx: str) -> bool:

@@ -250,6 +250,12 @@ def daemon(tmp: Path, kind: str, *extra: str) -> Iterator[tuple[Daemon, Qmp]]:
             assert rc == 0, d.log_text()[-3000:]
 
 
+def add_raw(q: Qmp, node: str, image: Path) -> None:
+    """``blockdev-add`` a raw node *node* over the file *image*."""
+    q.run("blockdev-add", {"driver": "raw", "node-name": node,
+                           "file": {"driver": "file", "filename": str(image)}})
+
+
 def make_raw(path: Path, size: int = 64 * 1024 * 1024, seed: int = 1) -> Path:
     """A sparse raw image with a few data extents of known content."""
     with open(path, "wb") as f:

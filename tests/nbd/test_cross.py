@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from nbdtest import Qmp, daemon, make_raw, map_of, uri, wait_path
+from nbdtest import Qmp, add_raw, daemon, make_raw, map_of, uri, wait_path
 from support import needs_qsd, qemu_img, qemu_io
 
 from blockd.block.drivers.nbd import parse_nbd_uri
@@ -44,8 +44,7 @@ def test_blockd_client_on_qsd_export(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "q.raw", 16 << 20)
     qsd_sock = tmp_path / "qsd-nbd.sock"
     with daemon(tmp_path, "qsd") as (_qd, qq), daemon(tmp_path, "blockd") as (_bd, bq):
-        qq.run("blockdev-add", {"driver": "raw", "node-name": "disk",
-                                "file": {"driver": "file", "filename": str(image)}})
+        add_raw(qq, "disk", image)
         _export(qq, "disk", qsd_sock, "disk")
         bq.run("blockdev-add", {"driver": "nbd", "node-name": "remote",
                                 "server": {"type": "unix", "path": str(qsd_sock)},
@@ -88,8 +87,7 @@ def test_qsd_client_on_blockd_export(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "b.raw", 16 << 20)
     bsock = tmp_path / "blockd-nbd.sock"
     with daemon(tmp_path, "blockd") as (_bd, bq), daemon(tmp_path, "qsd") as (_qd, qq):
-        bq.run("blockdev-add", {"driver": "raw", "node-name": "disk",
-                                "file": {"driver": "file", "filename": str(image)}})
+        add_raw(bq, "disk", image)
         _export(bq, "disk", bsock, "disk")
         qq.run("blockdev-add", {"driver": "nbd", "node-name": "remote",
                                 "server": {"type": "unix", "path": str(bsock)},
@@ -106,8 +104,7 @@ def test_client_on_own_export_no_deadlock(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "s.raw", 16 << 20)
     sock = tmp_path / "self.sock"
     with daemon(tmp_path, "blockd") as (_bd, q):
-        q.run("blockdev-add", {"driver": "raw", "node-name": "disk",
-                               "file": {"driver": "file", "filename": str(image)}})
+        add_raw(q, "disk", image)
         _export(q, "disk", sock, "disk")
         q.run("blockdev-add", {"driver": "nbd", "node-name": "loop",
                                "server": {"type": "unix", "path": str(sock)}, "export": "disk"})
@@ -130,8 +127,7 @@ def test_client_errors(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "e.raw", 4 << 20)
     sock = tmp_path / "e.sock"
     with daemon(tmp_path, "blockd") as (bd, q):
-        q.run("blockdev-add", {"driver": "raw", "node-name": "disk",
-                               "file": {"driver": "file", "filename": str(image)}})
+        add_raw(q, "disk", image)
         _export(q, "disk", sock, "disk")
         cases = [
             ({"type": "unix", "path": str(tmp_path / "none.sock")}, "disk",
@@ -247,8 +243,7 @@ def test_parsed_uri_opens(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "u.raw", 4 << 20)
     sock = tmp_path / "u.sock"
     with daemon(tmp_path, "blockd") as (_bd, q):
-        q.run("blockdev-add", {"driver": "raw", "node-name": "disk",
-                               "file": {"driver": "file", "filename": str(image)}})
+        add_raw(q, "disk", image)
         target = _export(q, "disk", sock, "disk")
         opts = parse_nbd_uri(target)
         q.run("blockdev-add", {**opts, "node-name": "viauri", "read-only": True})

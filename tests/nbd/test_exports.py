@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from nbdtest import Qmp, RawNbd, daemon, has_command, make_raw, uri
+from nbdtest import Qmp, RawNbd, add_raw, daemon, has_command, make_raw, uri
 from support import have_qsd, qemu_io, run
 
 from blockd.block.graph import BlockGraph
@@ -19,8 +19,7 @@ from blockd.qapi.block import BlockdevOptions
 
 
 def _bitmap_map(q: Qmp, tmp: Path, tag: str, image: Path) -> tuple[str, str]:
-    q.run("blockdev-add", {"driver": "raw", "node-name": "src",
-                           "file": {"driver": "file", "filename": str(image)}})
+    add_raw(q, "src", image)
     sock = tmp / f"{tag}.sock"
     q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
     q.run("block-dirty-bitmap-add", {"node": "src", "name": "b0"})
@@ -95,8 +94,7 @@ def test_snapshot_moves_export_if_supported(tmp_path: Path) -> None:
 def test_daemon_exit_with_clients_connected(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "x.raw", 4 << 20)
     with daemon(tmp_path, "blockd") as (d, q):
-        q.run("blockdev-add", {"driver": "raw", "node-name": "src",
-                               "file": {"driver": "file", "filename": str(image)}})
+        add_raw(q, "src", image)
         sock = tmp_path / "x.sock"
         q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
         q.run("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src",

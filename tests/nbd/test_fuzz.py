@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nbdtest import RawNbd, daemon, make_raw
+from nbdtest import RawNbd, add_raw, daemon, make_raw
 
 from blockd.nbd import protocol as P
 
@@ -128,8 +128,7 @@ def test_fuzz_never_takes_the_daemon_down(tmp_path: Path) -> None:
         else:
             cases.append(_requests_case(rnd, size))
     with daemon(tmp_path, "blockd") as (d, q):
-        q.run("blockdev-add", {"driver": "raw", "node-name": "src",
-                               "file": {"driver": "file", "filename": str(image)}})
+        add_raw(q, "src", image)
         sock = tmp_path / "fuzz.sock"
         q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}},
                                    "max-connections": 0})

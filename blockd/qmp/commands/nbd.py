@@ -12,16 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from blockd.bitmap.dirty import ALLOW_RO, DirtyBitmap, find_bitmap
 from blockd.block.graph import check_id
 from blockd.block.node import BlockNode
 from blockd.errors import QmpError
 from blockd.nbd import protocol as P
-from blockd.nbd.export import (
-    NbdExport,
-    bitmap_is_busy,
-    find_bitmap,
-    set_bitmap_busy,
-)
+from blockd.nbd.export import NbdExport
 from blockd.nbd.server import NbdService
 from blockd.qapi.export import (
     BlockDirtyBitmap,
@@ -81,16 +77,17 @@ async def qmp_nbd_server_stop(ctx: Context, args: Any) -> None:
 
 def _resolve_bitmaps(
     ctx: Context, node: BlockNode, specs: list[Any], writable: bool
-) -> list[Any]:
+) -> list[DirtyBitmap]:
     """Bitmap specs → bitmap objects, QEMU's lookup rules and texts.
 
     A plain name is searched on the export node and down its filter/backing chain; the
     ``{node, name}`` form names the node. Each is checked not busy (marking it busy as we go,
-    so a bitmap named twice is refused the second time); the caller unmarks on failure.
+    so a bitmap named twice is refused the second time); on failure the marks are undone.
     """
-    out: list[Any] = []
+    out: list[DirtyBitmap] = []
     try:
         for spec in specs:
+            bm: DirtyBitmap | None = None
             if isinstance(spec, BlockDirtyBitmap):
                 bnode = ctx.daemon.graph.find(spec.node)
                 if bnode is None:
@@ -99,29 +96,26 @@ def _resolve_bitmaps(
                 if bm is None:
                     raise QmpError(f"Dirty bitmap '{spec.name}' not found")
             else:
-                bm = None
                 cur: BlockNode | None = node
                 while cur is not None and bm is None:
                     bm = find_bitmap(cur, spec)
                     cur = cur.filtered_child() or cur.backing
                 if bm is None:
                     raise QmpError(f"Bitmap '{spec}' is not found")
-            name = getattr(bm, "name", None) or ""
             if not writable and not node.read_only and bm.is_recording():
-                raise QmpError(f"Enabled bitmap '{name}' incompatible with readonly export")
-            if bitmap_is_busy(bm):
-                raise QmpError(
-                    f"Bitmap '{name}' is currently in use by another operation and cannot be used"
-                )
-            if getattr(bm, "inconsistent", False):
-                raise QmpError(f"Bitmap '{name}' is inconsistent and cannot be used")
-            set_bitmap_busy(bm, True)
+                raise QmpError(f"Enabled bitmap '{bm.name}' incompatible with readonly export")
+            bm.check(ALLOW_RO)
+            bm.busy = True
             out.append(bm)
         return out
     except BaseException:
-        for bm in out:
-            set_bitmap_busy(bm, False)
+        _unbusy(out)
         raise
+
+
+def _unbusy(bitmaps: list[DirtyBitmap]) -> None:
+    for bm in bitmaps:
+        bm.busy = False
 
 
 async def add_export(
@@ -175,8 +169,7 @@ async def add_export(
             multi_conn=server.max_connections != 1,
         )
     except BaseException:
-        for bm in found:
-            set_bitmap_busy(bm, False)
+        _unbusy(found)
         raise
     svc.exports[export_id] = export
     log.info("nbd: export %s (name '%s') on node %s", export_id, name, node.node_name)
