@@ -72,6 +72,10 @@ class BlockDriver:
     async def close(self) -> None:
         """Release resources; the node flushes before calling it."""
 
+    async def store_dirty_bitmaps(self) -> None:
+        """Write what ``blockdev-del`` must not lose (persistent bitmaps) before the node is
+        torn down; raising keeps the node. Formats without such state do nothing."""
+
     async def reopen(self, read_only: bool) -> None:
         """Switch between read-only and read-write (snapshots, commit)."""
 

@@ -233,11 +233,9 @@ class BlockGraph:
             if any(not isinstance(e.parent, BlockNode) for e in node.parents):
                 raise QmpError(f"Node {name} is in use")
             raise QmpError(f"Block device {name} is in use")
-        store = getattr(node.driver, "store_dirty_bitmaps", None)
-        if store is not None:
-            # Before anything is torn down: if the bitmaps cannot be written, the node stays
-            # (with them) and the user is told, instead of losing them on close.
-            await store()
+        # Before anything is torn down: if the bitmaps cannot be written, the node stays
+        # (with them) and the user is told, instead of losing them on close.
+        await node.driver.store_dirty_bitmaps()
         node.monitor_owned = False
         await self.maybe_free(node)
 

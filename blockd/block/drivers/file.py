@@ -57,9 +57,11 @@ def _lock_set(fd: int, byte: int, kind: int) -> None:
     fcntl.fcntl(fd, _F_OFD_SETLK, _flock(kind, byte))
 
 
-def _open_blocking(path: str, flags: int, ro: bool, auto_ro: bool) -> tuple[int, bool, int]:
+def _open_blocking(
+    path: str, flags: int, ro: bool, auto_ro: bool
+) -> tuple[int, bool, int, bool]:
     """Open *path* (falling back to read-only when ``auto-read-only`` allows) and return
-    ``(fd, read_only, length)``; errors carry QEMU's "Could not open" text."""
+    ``(fd, read_only, length, hole_free)``; errors carry QEMU's "Could not open" text."""
     try:
         fd = os.open(path, flags | (os.O_RDONLY if ro else os.O_RDWR))
     except OSError as exc:
@@ -75,7 +77,7 @@ def _open_blocking(path: str, flags: int, ro: bool, auto_ro: bool) -> tuple[int,
         os.close(fd)
         raise QmpError(f"Could not open '{path}': Is a directory")
     length = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
-    return fd, ro, length
+    return fd, ro, length, _has_no_hole(fd, length)
 
 
 def _pread_blocking(fd: int, offset: int, nbytes: int) -> bytes | bytearray:
@@ -154,13 +156,12 @@ class FileDriver(BlockDriver):
         if self.node.cache_direct:
             flags |= os.O_DIRECT
         # open() can block for long on network filesystems: it runs in the I/O pool.
-        self.fd, self.node.read_only, self._length = await run_blocking(
+        self.fd, self.node.read_only, self._length, self._dense = await run_blocking(
             _open_blocking, self.path, flags, self.node.read_only, self.node.auto_read_only
         )
         if self.node.cache_direct:
             self.limits.request_alignment = 4096 if self._probe_direct_4k() else 512
         self.limits.max_transfer = 0
-        self._dense = await run_blocking(_has_no_hole, self.fd, self._length)
 
     def _probe_direct_4k(self) -> bool:
         return True
