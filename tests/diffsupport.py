@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,29 +155,33 @@ def start(kind: str, tmp: Path) -> Daemon:
     return start_blockd(tmp, name="blockd") if kind == "blockd" else start_qsd(tmp, name="qsd")
 
 
-def raw_image(path: Path, size: int, writes: list[tuple[int, int, int]] = ()) -> Path:  # type: ignore[assignment]
-    """A sparse raw image with ``write -P pattern off len`` applied for each write."""
-    qemu_img("create", "-f", "raw", path, str(size))
+def _pattern_writes(path: Path, fmt: str, writes: Sequence[tuple[int, int, int]]) -> None:
+    """``write -P pattern off len`` for each write, in one qemu-io run."""
     if writes:
         cmds: list[str] = []
         for pattern, off, n in writes:
             cmds += ["-c", f"write -P {pattern} {off} {n}"]
-        qemu_io("-f", "raw", *cmds, path)
+        qemu_io("-f", fmt, *cmds, path)
+
+
+def raw_image(path: Path, size: int, writes: Sequence[tuple[int, int, int]] = ()) -> Path:
+    """A sparse raw image with ``write -P pattern off len`` applied for each write."""
+    qemu_img("create", "-f", "raw", path, str(size))
+    _pattern_writes(path, "raw", writes)
     return path
 
 
 def qcow2_image(
-    path: Path, size: int, writes: list[tuple[int, int, int]] = (), backing: Path | None = None
-) -> Path:  # type: ignore[assignment]
+    path: Path,
+    size: int,
+    writes: Sequence[tuple[int, int, int]] = (),
+    backing: Path | None = None,
+) -> Path:
     args = ["create", "-f", "qcow2"]
     if backing is not None:
         args += ["-b", str(backing), "-F", "qcow2" if str(backing).endswith("qcow2") else "raw"]
     qemu_img(*args, path, str(size))
-    if writes:
-        cmds: list[str] = []
-        for pattern, off, n in writes:
-            cmds += ["-c", f"write -P {pattern} {off} {n}"]
-        qemu_io("-f", "qcow2", *cmds, path)
+    _pattern_writes(path, "qcow2", writes)
     return path
 
 
