@@ -21,11 +21,12 @@ every bitmap whose :meth:`DirtyBitmap.is_recording` is true, so no writer can by
   Operation not supported`` as QEMU does for drivers without support.
 * ``remove_persistent_dirty_bitmap(name: str) -> Awaitable[None]`` — called by
   ``block-dirty-bitmap-remove`` for a persistent bitmap, before it is released.
-* Loading at open: the driver calls :func:`load_bitmap` for each bitmap found in the image.
+* Loading at open: the driver calls :func:`load_bitmap` with each bitmap's bits.
 * Storing: the driver's ``close()`` (and inactivation) writes every bitmap of
   ``node.dirty_bitmaps`` that is a :class:`DirtyBitmap` with ``persistent`` set and
   ``skip_store`` clear, using ``bm.name``, ``bm.granularity``, ``bm.disabled`` (QEMU's ``auto``
-  flag is ``not disabled``) and the dirty runs from ``bm.hb.dirty_areas()``.
+  flag is ``not disabled``) and the bits themselves (``bm.hb.bits``, a frozen bitmap's
+  successor merged in).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from blockd.bitmap.hbitmap import HBitmap, is_power_of_2
 from blockd.errors import QmpError
 
 if TYPE_CHECKING:
+    from bitarray import bitarray
+
     from blockd.block.node import BlockNode
 
 #: Longest bitmap name QEMU accepts (BDRV_BITMAP_MAX_NAME_SIZE).
@@ -250,17 +253,20 @@ def load_bitmap(
     node: BlockNode,
     name: str,
     granularity: int,
-    areas: list[tuple[int, int]],
+    bits: bitarray | None,
     *,
     disabled: bool,
     inconsistent: bool = False,
     readonly: bool = False,
 ) -> DirtyBitmap:
-    """For format drivers: register a persistent bitmap found in the image at open. An
-    inconsistent one never records (QEMU's bdrv_dirty_bitmap_set_inconsistent disables it)."""
+    """For format drivers: register a persistent bitmap found in the image at open, with
+    its *bits* (one per granularity of the node's length; None: all clean). An inconsistent
+    one never records (QEMU's bdrv_dirty_bitmap_set_inconsistent disables it)."""
     bm = DirtyBitmap(node, name, granularity, disabled=disabled or inconsistent, persistent=True)
-    for off, n in areas:
-        bm.hb.set(off, n)
+    if bits is not None:
+        if len(bits) != len(bm.hb.bits):
+            raise ValueError(f"bitmap '{name}': {len(bits)} bits, {len(bm.hb.bits)} expected")
+        bm.hb.bits = bits
     bm.inconsistent = inconsistent
     bm.readonly = readonly
     node.dirty_bitmaps.append(bm)

@@ -38,6 +38,22 @@ def qemu_io(path: str, *cmds: str, fmt: str = "qcow2") -> None:
     subprocess.run([*argv, path], capture_output=True, text=True, check=True)
 
 
+def backed_qcow2(
+    tmp_path: Any, size: str, base_io: tuple[str, ...] = (), top_io: tuple[str, ...] = ()
+) -> tuple[str, str]:
+    """``base.qcow2`` (qemu-io commands *base_io* run on it) and ``top.qcow2`` over it (then
+    *top_io*), both *size* long; returns their paths."""
+    base = str(tmp_path / "base.qcow2")
+    img = str(tmp_path / "top.qcow2")
+    qemu_img("create", "-f", "qcow2", base, size)
+    if base_io:
+        qemu_io(base, *base_io)
+    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", img, size)
+    if top_io:
+        qemu_io(img, *top_io)
+    return base, img
+
+
 def check_image(path: str) -> dict[str, Any]:
     """``qemu-img check --output=json``; exit code 0 = clean, 3 = leaks only."""
     res = qemu_img("check", "--output=json", path, check=False)

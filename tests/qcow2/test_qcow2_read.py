@@ -8,7 +8,7 @@ import json
 import random
 
 import pytest
-from qcow2_helpers import MiB, open_qcow2, qemu_img, qemu_io, to_raw
+from qcow2_helpers import MiB, backed_qcow2, open_qcow2, qemu_img, qemu_io, to_raw
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QmpError
@@ -95,12 +95,10 @@ async def test_read_compressed(tmp_path, compat, cluster):
 
 
 async def test_read_zero_clusters_over_backing(tmp_path):
-    base = str(tmp_path / "base.qcow2")
-    img = str(tmp_path / "top.qcow2")
-    qemu_img("create", "-f", "qcow2", base, "4M")
-    qemu_io(base, "write -P 0x33 0 4M")
-    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", img, "4M")
-    qemu_io(img, "write -z 64k 128k", "write -z -u 1M 1M", "write -P 0x44 1088k 4k")
+    _, img = backed_qcow2(
+        tmp_path, "4M", ("write -P 0x33 0 4M",),
+        ("write -z 64k 128k", "write -z -u 1M 1M", "write -P 0x44 1088k 4k"),
+    )
     graph = BlockGraph()
     node = await open_qcow2(graph, img, rw=False)
     got = bytes(await node.read(0, 4 * MiB))
@@ -111,11 +109,7 @@ async def test_read_zero_clusters_over_backing(tmp_path):
 
 
 async def test_backing_option_overrides_header(tmp_path):
-    base = str(tmp_path / "base.qcow2")
-    img = str(tmp_path / "top.qcow2")
-    qemu_img("create", "-f", "qcow2", base, "1M")
-    qemu_io(base, "write -P 0x33 0 1M")
-    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", img, "1M")
+    base, img = backed_qcow2(tmp_path, "1M", ("write -P 0x33 0 1M",))
     graph = BlockGraph()
     node = await open_qcow2(graph, img, rw=False, backing=None)
     assert node.backing is None

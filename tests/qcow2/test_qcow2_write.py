@@ -13,6 +13,7 @@ from qcow2_helpers import (
     MiB,
     Shadow,
     apply_op,
+    backed_qcow2,
     batches,
     check_image,
     open_qcow2,
@@ -98,11 +99,7 @@ async def test_random_workload(tmp_path, version, cluster, backing, seed, cache)
 
 async def test_cow_from_backing_seed_134(tmp_path):
     """Seed test 134: 512 bytes at 512 over a backing file with a pattern."""
-    base = str(tmp_path / "base.qcow2")
-    img = str(tmp_path / "top.qcow2")
-    qemu_img("create", "-f", "qcow2", base, "1M")
-    qemu_io(base, "write -P 0xa5 0 1M")
-    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", img, "1M")
+    _, img = backed_qcow2(tmp_path, "1M", ("write -P 0xa5 0 1M",))
     graph = BlockGraph()
     node = await open_qcow2(graph, img)
     await node.write(512, b"\x5a" * 512)
@@ -134,12 +131,10 @@ async def test_cow_zero_fill_without_backing(tmp_path):
 
 
 async def test_block_status_matches_qemu_map(tmp_path):
-    base = str(tmp_path / "base.qcow2")
-    img = str(tmp_path / "top.qcow2")
-    qemu_img("create", "-f", "qcow2", base, "4M")
-    qemu_io(base, "write -P 1 0 1M")
-    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", img, "4M")
-    qemu_io(img, "write -P 2 64k 192k", "write -z 512k 128k", "write -P 3 2M 64k")
+    _, img = backed_qcow2(
+        tmp_path, "4M", ("write -P 1 0 1M",),
+        ("write -P 2 64k 192k", "write -z 512k 128k", "write -P 3 2M 64k"),
+    )
     graph = BlockGraph()
     node = await open_qcow2(graph, img, rw=False)
     qmap = json.loads(qemu_img("map", "--output=json", img).stdout)
@@ -311,10 +306,7 @@ async def test_rewrite_header_keeps_extensions(tmp_path):
     """Cluster 0 rewritten from the live state keeps every extension (here a persistent
     bitmap made by qemu-img, which blockd loads, resizes and stores again) and the backing
     file name."""
-    base = str(tmp_path / "base.qcow2")
-    img = str(tmp_path / "top.qcow2")
-    qemu_img("create", "-f", "qcow2", base, "4M")
-    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", img, "4M")
+    base, img = backed_qcow2(tmp_path, "4M")
     qemu_img("bitmap", "--add", img, "bm0")
     before = json.loads(qemu_img("info", "--output=json", img).stdout)
     graph = BlockGraph()

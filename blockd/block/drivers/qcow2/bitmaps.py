@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bitarray import bitarray
-from bitarray.util import zeros
 
 from blockd.bitmap.dirty import (
     DEFAULT,
@@ -41,12 +40,14 @@ from blockd.bitmap.dirty import (
     bitmaps_of,
     find_bitmap,
     load_bitmap,
+    release,
 )
 from blockd.block.drivers.qcow2.header import (
     AUTOCLEAR_BITMAPS,
     EXT_BITMAPS,
     BitmapsExtension,
     HeaderExtension,
+    Qcow2Header,
 )
 from blockd.errors import QmpError
 
@@ -82,6 +83,8 @@ class DirEntry:
     table_size: int
     flags: int
     granularity_bits: int
+    #: The bitmap table once read or written (blockd never changes a table in place).
+    table: list[int] | None = field(default=None, compare=False, repr=False)
 
     @property
     def granularity(self) -> int:
@@ -275,22 +278,18 @@ class BitmapStore:
                 if find_bitmap(node, e.name) is not None:
                     raise QmpError(f"Bitmap already exists: {e.name}")
                 in_use = bool(e.flags & FLAG_IN_USE)
-                bits = None if in_use else await self._read_bits(e)
                 bm = load_bitmap(
-                    node, e.name, e.granularity, [],
+                    node, e.name, e.granularity, None if in_use else await self._read_bits(e),
                     disabled=not e.flags & FLAG_AUTO,
                     inconsistent=in_use,
                     readonly=node.read_only,
                 )
-                if bits is not None:
-                    bm.hb.bits = bits
                 loaded.append(bm)
             if not node.read_only:
                 await self.mark_in_use()
         except BaseException:
             for bm in loaded:
-                if bm in node.dirty_bitmaps:
-                    node.dirty_bitmaps.remove(bm)
+                release(node, bm)
             raise
 
     async def _read_directory(self, ext: BitmapsExtension) -> list[DirEntry]:
@@ -302,11 +301,15 @@ class BitmapStore:
         return parse_directory(buf, ext.nb_bitmaps, drv.cluster_size, drv.size)
 
     async def _read_table(self, e: DirEntry) -> list[int]:
+        """The bitmap table, read (and checked) once per entry."""
+        if e.table is not None:
+            return e.table
         cs = self.drv.cluster_size
         raw = await self.drv.read_meta(e.table_offset, e.table_size * 8)
         table = list(struct.unpack(f">{e.table_size}Q", raw))
         if not all(check_table_entry(t, cs) for t in table):
             raise OSError(errno.EINVAL, "Invalid argument")
+        e.table = table
         return table
 
     async def _read_bits(self, e: DirEntry) -> bitarray:
@@ -397,11 +400,7 @@ class BitmapStore:
         """Flag every bitmap of the directory in use (the image copy is now stale)."""
         if not self.entries or all(e.flags & FLAG_IN_USE for e in self.entries):
             return
-        new = [
-            DirEntry(e.name, e.table_offset, e.table_size, e.flags | FLAG_IN_USE,
-                     e.granularity_bits)
-            for e in self.entries
-        ]
+        new = [replace(e, flags=e.flags | FLAG_IN_USE) for e in self.entries]
         # In place, flags only, before any write is accepted: a torn update leaves each
         # bitmap flagged or unflagged-but-still-exact, and needs no allocation (on an image
         # with damaged refcounts an allocation could land on live data).
@@ -412,7 +411,7 @@ class BitmapStore:
                 await self.drv.write_meta(ext.directory_offset, data)
                 await self.drv.sync()
             else:
-                await self._commit_directory(new, [], free_tables=False)
+                await self._commit_directory(new, [])
         except OSError as exc:
             raise QmpError(f"Can't update bitmap directory: {exc.strerror}") from None
         self.entries = new
@@ -483,78 +482,60 @@ class BitmapStore:
         auto = not bm.disabled if succ is None else not succ.disabled
         le = bitarray(bits, endian="little")
         nsize = table_size_for(drv.size, bm.granularity, cs)
-        if len(le) < nsize * cs * 8:
-            le.extend(zeros(nsize * cs * 8 - len(le), endian="little"))
+        # The last chunk may be short: _write_new pads it with zeroes.
         table = [0] * nsize
-        e = DirEntry(bm.name or "", 0, nsize, FLAG_AUTO if auto else 0,
-                     bm.granularity.bit_length() - 1)
         per = cs * 8
         try:
             for i in range(nsize):
                 chunk = le[i * per : (i + 1) * per]
-                if not chunk.any():
-                    continue
-                data = chunk.tobytes()
-                async with drv.lock:
-                    off = await drv._r.alloc(1)
-                table[i] = off
-                await drv.write_meta(off, data + bytes(cs - len(data)))
-            tbytes = -(-nsize * 8 // cs) * cs
-            async with drv.lock:
-                toff = await drv._r.alloc(tbytes // cs)
-            e.table_offset = toff
-            raw = struct.pack(f">{nsize}Q", *table)
-            await drv.write_meta(toff, raw + bytes(tbytes - len(raw)))
+                if chunk.any():
+                    table[i] = await self._write_new(chunk.tobytes())
+            toff = await self._write_new(struct.pack(f">{nsize}Q", *table))
         except BaseException:
             async with drv.lock:
                 for off in table:
                     if off:
                         drv._queue_free(off, cs)
-                if e.table_offset:
-                    drv._queue_free(e.table_offset, -(-nsize * 8 // cs) * cs)
             raise
-        return e
+        return DirEntry(bm.name or "", toff, nsize, FLAG_AUTO if auto else 0,
+                        bm.granularity.bit_length() - 1, table)
 
-    async def _commit_directory(
-        self, entries: list[DirEntry], drop: list[DirEntry], *, free_tables: bool = True
-    ) -> None:
+    async def _write_new(self, data: bytes) -> int:
+        """*data* to freshly allocated clusters (zero-padded to whole clusters); returns
+        their offset. Nothing refers to them yet: a failed write gives them back."""
+        drv = self.drv
+        cs = drv.cluster_size
+        nclusters = -(-len(data) // cs)
+        async with drv.lock:
+            off = await drv._r.alloc(nclusters)
+        try:
+            await drv.write_meta(off, data + bytes(nclusters * cs - len(data)))
+        except BaseException:
+            async with drv.lock:
+                drv._queue_free(off, len(data))
+            raise
+        return off
+
+    async def _commit_directory(self, entries: list[DirEntry], drop: list[DirEntry]) -> None:
         """Make *entries* the image's directory: new directory clusters, flush, header, flush;
         then free the old directory and the tables of *drop*."""
         drv = self.drv
         hdr = drv.hdr
         assert hdr is not None
-        cs = drv.cluster_size
         new_ext: BitmapsExtension | None = None
         if entries:
             data = pack_directory(entries)
             if len(data) > MAX_DIRECTORY_SIZE:
                 raise QmpError("Bitmap directory is too large")
-            nclusters = -(-len(data) // cs)
-            async with drv.lock:
-                off = await drv._r.alloc(nclusters)
-            try:
-                await drv.write_meta(off, data + bytes(nclusters * cs - len(data)))
-            except BaseException:
-                async with drv.lock:
-                    drv._queue_free(off, nclusters * cs)
-                raise
-            new_ext = BitmapsExtension(len(entries), len(data), off)
+            new_ext = BitmapsExtension(len(entries), len(data), await self._write_new(data))
         old_ext = self.ext
         # rewrite_header flushes refcounts and data before cluster 0 changes.
-        hdr.extensions = [x for x in hdr.extensions if x.type != EXT_BITMAPS]
-        if new_ext is not None:
-            hdr.extensions.append(HeaderExtension(EXT_BITMAPS, new_ext.pack()))
-            hdr.autoclear_features |= AUTOCLEAR_BITMAPS
-        else:
-            hdr.autoclear_features &= ~AUTOCLEAR_BITMAPS
+        _set_header_ext(hdr, new_ext)
         try:
             await drv.rewrite_header()
         except BaseException:
             # Put the old pointer back in memory; the new directory leaks (harmless).
-            hdr.extensions = [x for x in hdr.extensions if x.type != EXT_BITMAPS]
-            if old_ext is not None:
-                hdr.extensions.append(HeaderExtension(EXT_BITMAPS, old_ext.pack()))
-                hdr.autoclear_features |= AUTOCLEAR_BITMAPS
+            _set_header_ext(hdr, old_ext)
             raise
         self.ext = new_ext
         self.entries = entries
@@ -562,12 +543,9 @@ class BitmapStore:
         try:
             async with drv.lock:
                 if old_ext is not None:
-                    drv._queue_free(
-                        old_ext.directory_offset, -(-old_ext.directory_size // cs) * cs
-                    )
-            if free_tables:
-                for e in drop:
-                    await self._free_table(e)
+                    drv._queue_free(old_ext.directory_offset, old_ext.directory_size)
+            for e in drop:
+                await self._free_table(e)
             async with drv.lock:
                 await drv._sync_metadata(force_frees=True)
         except OSError as exc:
@@ -590,10 +568,20 @@ class BitmapStore:
                 off = t & ENTRY_OFFSET_MASK
                 if off:
                     drv._queue_free(off, cs)
-            drv._queue_free(e.table_offset, -(-e.table_size * 8 // cs) * cs)
+            drv._queue_free(e.table_offset, e.table_size * 8)
 
 
 def _clusters(offset: int, nbytes: int, cluster_bits: int) -> range:
     if nbytes <= 0:
         return range(0)
     return range(offset >> cluster_bits, ((offset + nbytes - 1) >> cluster_bits) + 1)
+
+
+def _set_header_ext(hdr: Qcow2Header, ext: BitmapsExtension | None) -> None:
+    """Point the header's bitmaps extension (and autoclear bit) at *ext*, or drop it."""
+    hdr.extensions = [x for x in hdr.extensions if x.type != EXT_BITMAPS]
+    if ext is not None:
+        hdr.extensions.append(HeaderExtension(EXT_BITMAPS, ext.pack()))
+        hdr.autoclear_features |= AUTOCLEAR_BITMAPS
+    else:
+        hdr.autoclear_features &= ~AUTOCLEAR_BITMAPS

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from blockd.bitmap.dirty import bitmaps_of
@@ -50,7 +51,6 @@ from blockd.block.drivers.qcow2.header import (
     AUTOCLEAR_KNOWN,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
-    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
@@ -61,7 +61,6 @@ from blockd.block.drivers.qcow2.header import (
     OFF_SIZE,
     OFLAG_COPIED,
     OFLAG_ZERO,
-    BitmapsExtension,
     Qcow2Header,
     parse_header,
     peek_cluster_bits,
@@ -187,13 +186,7 @@ class Qcow2Driver(BlockDriver):
         1 GiB) fails as QEMU's request check fails it, instead of reading as zeroes."""
         if offset + nbytes > _MAX_FILE_END:
             raise OSError(errno.EIO, f"qcow2: read at {offset:#x} beyond the largest file offset")
-        flen = self.file.length
-        if offset >= flen:
-            return bytes(nbytes)
-        if offset + nbytes <= flen:
-            return await self.file.read(offset, nbytes)
-        head = await self.file.read(offset, flen - offset)
-        return bytes(head) + bytes(nbytes - (flen - offset))
+        return await _read_zero_padded(self.file, offset, nbytes)
 
     async def _write_file(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags = WriteFlags.NONE
@@ -289,7 +282,6 @@ class Qcow2Driver(BlockDriver):
             max(2, l2_bytes // cs), self._queue_free,
         )
         await self.map.load()
-        self._other_meta = self._extra_meta_clusters(hdr)
 
         self.backing_file_name = hdr.backing_file
         self.backing_format = hdr.backing_format
@@ -332,19 +324,6 @@ class Qcow2Driver(BlockDriver):
                 "blockd cannot write to qcow2 images with internal snapshots; open it read-only"
             )
 
-    def _extra_meta_clusters(self, hdr: Qcow2Header) -> set[int]:
-        """Clusters of metadata blockd keeps but does not manage (the bitmap directory), so
-        data writes never land on them."""
-        out: set[int] = set()
-        ext = hdr.extension(EXT_BITMAPS)
-        if ext is not None and len(ext.data) == 24:
-            bm = BitmapsExtension.parse(ext.data)
-            if bm.directory_size and bm.directory_size < 64 * MiB:
-                first = bm.directory_offset >> hdr.cluster_bits
-                last = (bm.directory_offset + bm.directory_size - 1) >> hdr.cluster_bits
-                out.update(range(first, last + 1))
-        return out
-
     async def _open_backing(self, options: Any, graph: BlockGraph) -> None:
         if self.backing_file_name and "file" in self.node.children:
             try:
@@ -376,7 +355,7 @@ class Qcow2Driver(BlockDriver):
             raise QmpError(
                 f"Could not open backing file: backing chain loops or is too deep at '{path}'"
             )
-        fmt = self.backing_format or await _probe_format(path)
+        fmt = self.backing_format or await probe_format(path)
         from blockd.qapi.base import ArgsValidator
         from blockd.qapi.block import BlockdevOptions
 
@@ -413,9 +392,9 @@ class Qcow2Driver(BlockDriver):
         return self._backing_null and bool(self.backing_file_name) and self.node.backing is None
 
     def refresh_meta_clusters(self) -> None:
-        """Recompute the metadata clusters blockd keeps outside L1/L2/refcounts."""
-        assert self.hdr is not None
-        self._other_meta = self._extra_meta_clusters(self.hdr) | self.bitmaps.meta_clusters()
+        """Recompute the metadata clusters blockd keeps outside L1/L2/refcounts (the bitmap
+        directory and tables), so data writes never land on them."""
+        self._other_meta = self.bitmaps.meta_clusters()
 
     def log_warning(self, text: str) -> None:
         log.warning("%s: %s", self.node.node_name, text)
@@ -528,6 +507,11 @@ class Qcow2Driver(BlockDriver):
         if discard and self._pass_discard_request:
             self._pending_discard.append((offset, nbytes))
         self._pending_free_bytes += nbytes
+
+    async def _sync_if_many_frees(self) -> None:
+        """Apply queued frees once they add up, so space gets reused. Caller holds the lock."""
+        if self._pending_free_bytes > _PENDING_FREE_LIMIT and not self._reads:
+            await self._sync_metadata()
 
     async def _sync_metadata(self, force_frees: bool = False) -> None:
         """Write every cached change in crash-safe order. Caller holds ``self.lock``."""
@@ -671,13 +655,7 @@ class Qcow2Driver(BlockDriver):
         back = self.node.backing
         if back is None:
             return bytes(nbytes)
-        blen = back.length
-        if offset >= blen:
-            return bytes(nbytes)
-        if offset + nbytes <= blen:
-            return await back.read(offset, nbytes)
-        head = await back.read(offset, blen - offset)
-        return bytes(head) + bytes(nbytes - (blen - offset))
+        return await _read_zero_padded(back, offset, nbytes)
 
     async def _read_compressed(self, entry: int) -> bytes:
         cached = self._dcache
@@ -749,14 +727,15 @@ class Qcow2Driver(BlockDriver):
                 pass
             # Entries table by table, while the leading run keeps going.
             ents: list[int] = []
-            inplace = writable_in_place((await m.entries(c0, 1))[0])
+            inplace = False
             host = ents_host = 0
             n = 0
             c = c0
             while c < c_max:
                 stop = min(c_max, ((c >> m.l2_bits) + 1) << m.l2_bits)
                 ents.extend(await m.entries(c, stop - c))
-                if n == 0:
+                if n == 0:  # the first table: the leading cluster decides the kind of run
+                    inplace = writable_in_place(ents[0])
                     ents_host = ents[0] & L2E_OFFSET_MASK
                 while n < len(ents) and writable_in_place(ents[n]) == inplace and (
                     not inplace or (ents[n] & L2E_OFFSET_MASK) == ents_host + n * cs
@@ -827,16 +806,12 @@ class Qcow2Driver(BlockDriver):
                 for e in cur:
                     self._free_entry(e)
                 ok = True
-                if self._pending_free_bytes > _PENDING_FREE_LIMIT and not self._reads:
-                    await self._sync_metadata()
+                await self._sync_if_many_frees()
         finally:
             if not ok:
                 # Nothing references the new clusters: give them back at once.
                 async with self.lock:
-                    try:
-                        await self._r.update(host >> cb, n, -1)
-                    except OSError:
-                        pass
+                    await self._unref_bytes([(host, n * cs)])
             self._inflight.remove(slot)
             slot[2].set()
         return nbytes
@@ -943,8 +918,7 @@ class Qcow2Driver(BlockDriver):
                 for i in idx:
                     self._free_entry(cur[i])
                 ok = True
-                if self._pending_free_bytes > _PENDING_FREE_LIMIT and not self._reads:
-                    await self._sync_metadata()
+                await self._sync_if_many_frees()
         finally:
             if not ok:
                 # Nothing references the new bytes: drop their references at once.
@@ -1035,36 +1009,20 @@ class Qcow2Driver(BlockDriver):
 
     async def _zero_clusters(self, c0: int, nbytes: int, flags: WriteFlags, dealloc: bool) -> None:
         """Mark whole clusters zero (v3) or unallocated (*dealloc*), table by table."""
-        m = self._m
-        n_total = nbytes >> self.cluster_bits
-        cend = c0 + n_total
-        c = c0
         unmap_all = bool(flags & WriteFlags.MAY_UNMAP)
-        while c < cend:
-            async with self.lock:
-                c_stop = min(cend, ((c >> m.l2_bits) + 1) << m.l2_bits)
-                while await self._wait_inflight(c, c_stop):
-                    pass
-                ents = await m.entries(c, c_stop - c)
-                if dealloc and not m.l2_offset(c >> m.l2_bits):
-                    c = c_stop
-                    continue
-                new: list[int] = []
-                for e in ents:
-                    kind = cluster_type(e)
-                    if dealloc:
-                        new.append(0)
-                        self._free_entry(e, discard=True)
-                    elif kind in (NORMAL, ZERO_ALLOC) and not unmap_all and e & OFLAG_COPIED:
-                        new.append((e & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO)
-                    else:
-                        new.append(OFLAG_ZERO)
-                        self._free_entry(e, discard=unmap_all)
-                if list(ents) != new:
-                    await m.set_entries(c, new)
-                if self._pending_free_bytes > _PENDING_FREE_LIMIT and not self._reads:
-                    await self._sync_metadata()
-                c = c_stop
+
+        def zeroed(e: int) -> int:
+            if dealloc:
+                self._free_entry(e, discard=True)
+                return 0
+            if cluster_type(e) in (NORMAL, ZERO_ALLOC) and not unmap_all and e & OFLAG_COPIED:
+                return (e & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO
+            self._free_entry(e, discard=unmap_all)
+            return OFLAG_ZERO
+
+        await self._rewrite_entries(
+            c0, c0 + (nbytes >> self.cluster_bits), zeroed, skip_missing_table=lambda: dealloc
+        )
 
     async def pdiscard(self, offset: int, nbytes: int) -> None:
         end = offset + nbytes
@@ -1072,33 +1030,45 @@ class Qcow2Driver(BlockDriver):
         if a0 >= a1:
             return  # discard is advisory: partial clusters stay as they are
         assert self.hdr is not None
-        m = self._m
         v3 = self.hdr.version >= 3
         if not v3 and self.node.backing is not None:
             return  # without the zero flag, discarding would expose the backing file's data
-        c = a0 >> self.cluster_bits
-        cend = a1 >> self.cluster_bits
+
+        def discarded(e: int) -> int:
+            if cluster_type(e) == UNALLOCATED and self.node.backing is None:
+                return e
+            self._free_entry(e, discard=True)
+            return OFLAG_ZERO if v3 else 0
+
+        await self._rewrite_entries(
+            a0 >> self.cluster_bits, a1 >> self.cluster_bits, discarded,
+            skip_missing_table=lambda: not (v3 and self.node.backing is not None),
+        )
+
+    async def _rewrite_entries(
+        self,
+        c: int,
+        cend: int,
+        new_entry: Callable[[int], int],
+        skip_missing_table: Callable[[], bool],
+    ) -> None:
+        """Replace the L2 entries of guest clusters [c, cend) by ``new_entry(old)`` (which
+        queues the release of what it drops), table by table under the lock; tables not
+        allocated yet are left alone when ``skip_missing_table()`` says so."""
+        m = self._m
         while c < cend:
             async with self.lock:
-                back = self.node.backing is not None
                 c_stop = min(cend, ((c >> m.l2_bits) + 1) << m.l2_bits)
                 while await self._wait_inflight(c, c_stop):
                     pass
-                if not m.l2_offset(c >> m.l2_bits) and not (v3 and back):
+                if not m.l2_offset(c >> m.l2_bits) and skip_missing_table():
                     c = c_stop
                     continue
                 ents = await m.entries(c, c_stop - c)
-                new: list[int] = []
-                for e in ents:
-                    if cluster_type(e) == UNALLOCATED and not back:
-                        new.append(e)
-                        continue
-                    new.append(OFLAG_ZERO if v3 else 0)
-                    self._free_entry(e, discard=True)
+                new = [new_entry(e) for e in ents]
                 if list(ents) != new:
                     await m.set_entries(c, new)
-                if self._pending_free_bytes > _PENDING_FREE_LIMIT and not self._reads:
-                    await self._sync_metadata()
+                await self._sync_if_many_frees()
                 c = c_stop
 
     # -- status --------------------------------------------------------------------------------
@@ -1346,7 +1316,20 @@ def _merge_clusters(frees: list[tuple[int, int]], cluster_bits: int) -> list[tup
     return out
 
 
-async def _probe_format(path: str) -> str:
+async def _read_zero_padded(
+    node: BlockNode, offset: int, nbytes: int
+) -> bytes | bytearray | memoryview:
+    """Read from *node*; bytes past its end read as zeroes."""
+    length = node.length
+    if offset >= length:
+        return bytes(nbytes)
+    if offset + nbytes <= length:
+        return await node.read(offset, nbytes)
+    head = await node.read(offset, length - offset)
+    return bytes(head) + bytes(nbytes - (length - offset))
+
+
+async def probe_format(path: str) -> str:
     """qcow2 or raw, by the magic at the start of *path* (QEMU's bdrv_probe_all, the two
     formats blockd has)."""
 

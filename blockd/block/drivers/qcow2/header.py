@@ -103,13 +103,6 @@ class BitmapsExtension:
     directory_size: int
     directory_offset: int
 
-    @classmethod
-    def parse(cls, data: bytes) -> BitmapsExtension:
-        if len(data) != 24:
-            raise QmpError("bitmaps_ext: Invalid extension length")
-        nb, _res, size, off = struct.unpack(">IIQQ", data)
-        return cls(nb, size, off)
-
     def pack(self) -> bytes:
         return struct.pack(">IIQQ", self.nb_bitmaps, 0, self.directory_size, self.directory_offset)
 

@@ -174,11 +174,9 @@ class RefcountManager:
             w = 1 << (self.order - 3)
             vals = struct.unpack_from(f">{b - a}{fmt}", buf, a * w)
             new = [v + delta for v in vals]
-            bad = min(new) < 0 or max(new) > self.max_refcount
         else:
             new = [self._get(buf, i) + delta for i in range(a, b)]
-            bad = min(new) < 0 or max(new) > self.max_refcount
-        if bad:
+        if min(new) < 0 or max(new) > self.max_refcount:
             i = next(k for k, v in enumerate(new) if v < 0 or v > self.max_refcount)
             raise OSError(
                 errno.ERANGE if new[i] > 0 else errno.EIO,
