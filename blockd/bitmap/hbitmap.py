@@ -104,10 +104,6 @@ class HBitmap:
         """Dirty bytes, counted in whole granules (QEMU's hbitmap_count)."""
         return self.bits.count(1) << self.shift
 
-    def count_range(self, offset: int, nbytes: int) -> int:
-        a, b = self._span(offset, nbytes)
-        return self.bits.count(1, a, b) << self.shift if a < b else 0
-
     def next_dirty(self, offset: int, end: int | None = None) -> int:
         """First dirty byte position in ``[offset, end)``, or -1."""
         return self._next(1, offset, end)

@@ -155,9 +155,7 @@ class ExternalSnapshot:
         await old.drain()
         await new.drain()
         self.graph.attach(new, old, "backing", ChildRole.backing())
-        hook = getattr(new.driver, "on_backing_attached", None)
-        if hook is not None:
-            hook(old)
+        _backing_changed(new, old)
         self.graph.replace(old, new)
         new.monitor_owned = True
         await reopen_read_only(old, True)
@@ -175,9 +173,7 @@ class ExternalSnapshot:
         edge = new.children.get("backing")
         if edge is not None:
             await self.graph.detach(edge)
-        hook = getattr(new.driver, "on_backing_attached", None)
-        if hook is not None:
-            hook(None)
+        _backing_changed(new, None)
         await reopen_read_only(old, self._old_read_only)
         self._committed = False
         new.monitor_owned = self._new_was_owned
@@ -187,3 +183,11 @@ class ExternalSnapshot:
     async def abort(self) -> None:
         if self.new is not None and not self._committed and not self._existing:
             await self.graph.maybe_free(self.new)
+
+
+def _backing_changed(node: BlockNode, backing: BlockNode | None) -> None:
+    """Tell a driver that wants to know (qcow2 records the backing file) about its new
+    backing node, or that it has none any more."""
+    hook = getattr(node.driver, "on_backing_attached", None)
+    if hook is not None:
+        hook(backing)

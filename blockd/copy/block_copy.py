@@ -87,13 +87,14 @@ class BlockCopyError(Exception):
 
 
 class Pacer(Protocol):
-    """What a background call needs from its job: a speed limit that is also a pause point.
-    ``pace(n)`` waits while the bytes counted so far are ahead of the limit (looking again
-    after each wait), then counts *n*; tasks are counted through ``BlockCopy.on_task``."""
+    """What a background call needs from its job (:class:`~blockd.job.blockjob.BlockJob`):
+    a speed limit that is also a pause point. ``pace()`` waits while the bytes counted so far
+    are ahead of the limit (looking again after each wait); tasks are counted through
+    ``BlockCopy.on_task``."""
 
     def rate_limited(self) -> bool: ...
 
-    async def pace(self, nbytes: int) -> None: ...
+    async def pace(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -178,18 +179,18 @@ class BlockCopy:
         cs = self.cluster_size
         try:
             if self.skip_unallocated:
+                # The top layer alone: where it allocates, the whole chain's answer is its
+                # answer (block_status_above would only ask it again).
                 ext = await self.source.block_status(offset, nbytes)
-                if not ext.flags & BlockStatus.ALLOCATED and not ext.flags & BlockStatus.EOF:
-                    kind = "skip"
-                else:
-                    ext = await self.source.block_status_above(offset, nbytes, None)
-                    kind = "zero" if ext.flags & BlockStatus.ZERO else "data"
             else:
                 ext = await self.source.block_status_above(offset, nbytes, None)
-                kind = "zero" if ext.flags & BlockStatus.ZERO else "data"
             length = ext.length
         except OSError:
             return "data", min(nbytes, cs)
+        if self.skip_unallocated and not ext.flags & (BlockStatus.ALLOCATED | BlockStatus.EOF):
+            kind = "skip"
+        else:
+            kind = "zero" if ext.flags & BlockStatus.ZERO else "data"
         if length <= 0:
             return "data", min(nbytes, cs)
         if offset + length < self.len:
@@ -219,13 +220,11 @@ class BlockCopy:
             lim = min(lim, self._chunk(True) if limited else ZERO_CHUNK)
         stop = bm.next_clear(pos, pos + lim)
         stop = pos + lim if stop < 0 else stop
-        bm.reset(pos, stop - pos)
         if kind == "skip":
+            bm.reset(pos, stop - pos)
             self.on_skip(stop - pos)
             return True
-        task = _Task(pos, stop, kind == "zero")
-        self._inflight.append(task)
-        return task
+        return self._start_task(pos, stop, kind == "zero")
 
     async def _read_source(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
         node = self.source
@@ -242,30 +241,45 @@ class BlockCopy:
             out[pos : pos + n] = await node.driver.preadv(offset + pos, n)
         return out
 
-    async def _run_task(self, task: _Task) -> None:
-        """Copy one claimed task; on failure give its clusters back to the bitmap."""
+    def _start_task(self, start: int, end: int, zero: bool) -> _Task:
+        """Claim ``[start, end)``: clear its bits and register it as in flight."""
+        self.copy_bitmap.reset(start, end - start)
+        task = _Task(start, end, zero)
+        self._inflight.append(task)
+        return task
+
+    def _end_task(self, task: _Task) -> None:
+        self._inflight.remove(task)
+        task.done.set()
+
+    async def _copy_range(self, offset: int, nbytes: int, zero: bool) -> None:
+        """Copy one range as zeroes or as data and count it as progress.
+
+        :raise BlockCopyError: the read or the write failed (bits are the caller's business).
+        """
         is_read = False
         try:
-            if task.zero:
-                await self.target.write_zeroes(task.start, task.nbytes, WriteFlags.MAY_UNMAP)
+            if zero:
+                await self.target.write_zeroes(offset, nbytes, WriteFlags.MAY_UNMAP)
             else:
                 is_read = True
-                data = await self._read_source(task.start, task.nbytes)
+                data = await self._read_source(offset, nbytes)
                 is_read = False
-                await self.target.write(task.start, data, self.write_flags)
+                await self.target.write(offset, data, self.write_flags)
         except OSError as exc:
-            self.copy_bitmap.set(task.start, task.nbytes)
-            err = exc.errno or errno.EIO
-            log.debug("block-copy %s..%s failed (%s): %s", task.start, task.end, is_read, exc)
-            raise BlockCopyError(err, is_read) from exc
+            log.debug("block-copy %s+%s failed (%s): %s", offset, nbytes, is_read, exc)
+            raise BlockCopyError(exc.errno or errno.EIO, is_read) from exc
+        self.on_progress(nbytes)
+
+    async def _run_task(self, task: _Task) -> None:
+        """Copy one claimed task; on failure give its clusters back to the bitmap."""
+        try:
+            await self._copy_range(task.start, task.nbytes, task.zero)
         except BaseException:
             self.copy_bitmap.set(task.start, task.nbytes)
             raise
-        else:
-            self.on_progress(task.nbytes)
         finally:
-            self._inflight.remove(task)
-            task.done.set()
+            self._end_task(task)
 
     async def _run_claimed(self, task: _Task) -> None:
         """Copy a copy-before-write task. Its clusters were claimed before block status was
@@ -274,36 +288,22 @@ class BlockCopy:
         not copied yet are dirty again."""
         pos = task.start
         chunk = self._chunk(False)
-        is_read = False
         try:
             while pos < task.end:
                 kind, n = await self._status(pos, task.end - pos)
                 if kind == "skip":
                     self.on_skip(n)
-                elif kind == "zero":
-                    self.on_task(n)
-                    await self.target.write_zeroes(pos, n, WriteFlags.MAY_UNMAP)
-                    self.on_progress(n)
                 else:
-                    n = min(n, chunk)
+                    if kind == "data":
+                        n = min(n, chunk)
                     self.on_task(n)
-                    is_read = True
-                    data = await self._read_source(pos, n)
-                    is_read = False
-                    await self.target.write(pos, data, self.write_flags)
-                    self.on_progress(n)
+                    await self._copy_range(pos, n, kind == "zero")
                 pos += n
-        except OSError as exc:
-            self.copy_bitmap.set(pos, task.end - pos)
-            err = exc.errno or errno.EIO
-            log.debug("block-copy %s..%s failed (%s): %s", pos, task.end, is_read, exc)
-            raise BlockCopyError(err, is_read) from exc
         except BaseException:
             self.copy_bitmap.set(pos, task.end - pos)
             raise
         finally:
-            self._inflight.remove(task)
-            task.done.set()
+            self._end_task(task)
 
     # -- the two kinds of calls ------------------------------------------------------------
     async def copy(self, offset: int, nbytes: int) -> None:
@@ -350,9 +350,7 @@ class BlockCopy:
                 pos = lo
                 back = -1
                 own = start <= pos and pos + n <= end
-            bm.reset(pos, n)
-            task = _Task(pos, pos + n, False)
-            self._inflight.append(task)
+            task = self._start_task(pos, pos + n, False)
             self._cbw_ends.append(task.end)
             try:
                 await self._run_claimed(task)
@@ -410,7 +408,7 @@ class BlockCopy:
                     await other.done.wait()  # a copy-before-write task: it may fail
                     continue
                 limited = pacer.rate_limited()
-                await pacer.pace(0)  # what was copied so far must be within the limit
+                await pacer.pace()  # what was copied so far must be within the limit
                 got = await self._claim(peek[0], end, limited)
                 if isinstance(got, _Task):
                     self.on_task(got.nbytes)
@@ -432,7 +430,7 @@ class BlockCopy:
         so the job's length is right early (QEMU's block_copy_reset_unallocated loop)."""
         pos = 0
         while pos < self.len:
-            await pacer.pace(0)
+            await pacer.pace()
             n = min(self.len - pos, ZERO_CHUNK)
             try:
                 ext = await self.source.block_status(pos, n)

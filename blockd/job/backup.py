@@ -66,7 +66,6 @@ class BackupParams:
     #: x-perf max-workers; None: blockd's default (DEFAULT_WORKERS tasks in flight).
     max_workers: int | None = None
     max_chunk: int = 0
-    use_copy_range: bool = False
 
     @classmethod
     def from_args(cls, args: Any) -> BackupParams:
@@ -85,7 +84,6 @@ class BackupParams:
             filter_node_name=args.filter_node_name,
             max_workers=None if perf is None else perf.max_workers,
             max_chunk=0 if perf is None or perf.max_chunk is None else perf.max_chunk,
-            use_copy_range=bool(perf and perf.use_copy_range),
         )
 
 
@@ -133,7 +131,7 @@ class BackupJob(BlockJob):
         self.progress_total = bcs.copy_bitmap.count() if sync_bitmap else source.length
         bcs.on_progress = self._progress
         bcs.on_skip = self._skip
-        bcs.on_task = self._count_task
+        bcs.on_task = self.account  # every task counts against the speed limit
         # -- changes while running
         self._hooked = False
         self._cleaned = False
@@ -144,28 +142,6 @@ class BackupJob(BlockJob):
 
     def _skip(self, nbytes: int) -> None:
         self.progress_total = max(self.progress_current, self.progress_total - nbytes)
-
-    # -- Pacer protocol --------------------------------------------------------------------
-    def rate_limited(self) -> bool:
-        return self.speed > 0
-
-    async def pace(self, nbytes: int) -> None:
-        """In QEMU's block-copy order: wait while the bytes already copied are ahead of the
-        speed limit, looking again after each wait (copy-before-write may have copied more
-        meanwhile), then count *nbytes*. A pause point when there is nothing to wait for."""
-        slept = False
-        while (delay := self.ratelimit.delay_ns(0)) > 0:
-            await self.sleep(delay / 1e9)
-            slept = True
-        if not slept:
-            await self.pause_point()
-        if nbytes:
-            self.ratelimit.delay_ns(nbytes)
-
-    def _count_task(self, nbytes: int) -> None:
-        """Every copy task counts against the speed limit, copy-before-write included; the
-        delay it causes is waited for by the next :meth:`pace`."""
-        self.ratelimit.delay_ns(nbytes)
 
     # -- setup and teardown --------------------------------------------------------------
     def install(self) -> None:

@@ -37,12 +37,24 @@ class BlockJob(Job):
         self.ratelimit.set_speed(speed)
         self.enter()  # a throttled job re-computes its delay at once
 
-    async def throttle(self, nbytes: int) -> None:
-        """Account *nbytes* against the speed limit, sleeping (pausable) as needed."""
-        delay = self.ratelimit.delay_ns(nbytes)
-        if delay:
+    # -- speed limit (also the Pacer protocol of blockd.copy.block_copy) -------------------
+    def rate_limited(self) -> bool:
+        return self.speed > 0
+
+    def account(self, nbytes: int) -> None:
+        """Count *nbytes* against the speed limit without waiting (copy-before-write is never
+        held back); the delay they cause is waited for by the next :meth:`pace`."""
+        self.ratelimit.delay_ns(nbytes)
+
+    async def pace(self) -> None:
+        """Wait while the bytes counted so far are ahead of the speed limit, looking again
+        after each wait (others may have counted more meanwhile), as QEMU's block-copy does.
+        A pause point when there is nothing to wait for."""
+        slept = False
+        while (delay := self.ratelimit.delay_ns(0)) > 0:
             await self.sleep(delay / 1e9)
-        else:
+            slept = True
+        if not slept:
             await self.pause_point()
 
     def on_user_resume(self) -> None:

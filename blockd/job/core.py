@@ -375,18 +375,23 @@ class Job:
         if self.pause_count > 0:
             self.pause_count -= 1
         if self.pause_count == 0:
-            if self.paused and self.status in (S.PAUSED, S.STANDBY):
-                # QEMU re-enters the job at once, so 'running' precedes the command's reply.
-                self._transition(self._pause_prev)
+            # QEMU re-enters the job at once, so 'running' precedes the command's reply.
+            self._leave_paused_status()
             self.enter()
+
+    def _leave_paused_status(self) -> None:
+        """Show the status the job had before it paused, if it shows paused/standby."""
+        if self.paused and self.status in (S.PAUSED, S.STANDBY):
+            self._transition(self._pause_prev)
 
     def cancel_async(self, force: bool) -> None:
         if self.user_paused:
             self.on_user_resume()
             self.user_paused = False
-            self.resume()  # QEMU emits 'running' here, before 'aborting'
-            if self.paused and self.status in (S.PAUSED, S.STANDBY):
-                self._transition(self._pause_prev)
+            self.resume()
+            # QEMU emits 'running' here, before 'aborting', even when another pause is still
+            # held: a cancelled job does not stay paused.
+            self._leave_paused_status()
         self.cancelled = True
         if not self.force_cancel:
             self.force_cancel = force

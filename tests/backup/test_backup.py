@@ -40,6 +40,22 @@ def _add_nodes(s: Session, d: Path) -> None:
     s.ok("blockdev-add", raw_node("small", d / "small.raw"))
 
 
+def _backup(s: Session, job: str, device: str, target: str, sync: str, **extra: Any) -> None:
+    """blockdev-backup *device* -> *target*, then wait until the job is gone."""
+    args = {"job-id": job, "device": device, "target": target, "sync": sync, **extra}
+    s.ok("blockdev-backup", args)
+    s.wait_job(job, "null")
+
+
+def _completed(s: Session, job: str) -> dict[str, Any]:
+    """The data of *job*'s BLOCK_JOB_COMPLETED."""
+    return next(
+        e["data"]
+        for e in s.events
+        if e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == job
+    )
+
+
 def _same_events(res: dict[str, Any], exact_replies: bool = True) -> None:
     """Same events in the same order; with *exact_replies* also at the same places relative
     to the command replies."""
@@ -55,12 +71,10 @@ def _same_events(res: dict[str, Any], exact_replies: bool = True) -> None:
 def test_backup_sync_full_top(tmp_path: Path, sync: str) -> None:
     def scenario(s: Session, d: Path) -> dict[str, Any]:
         _add_nodes(s, d)
-        s.ok("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt", "sync": sync})
-        s.wait_job("j", "null")
-        done = next(e for e in s.events if e["event"] == "BLOCK_JOB_COMPLETED")["data"]
+        _backup(s, "j", "src", "tgt", sync)
         return {
             "events": s.names(True),
-            "done": done,
+            "done": _completed(s, "j"),
             "same": compare(d / "src.raw", d / "tgt.raw"),
         }
 
@@ -93,8 +107,7 @@ def test_backup_sync_none_runs_until_cancelled(tmp_path: Path) -> None:
 def _dirty_all(s: Session, node: str, bitmap: str, via: str = "t2") -> None:
     """Fill *bitmap* on *node* without a guest writer: a full backup *via* -> *node* writes
     every cluster of *node*, and its recording bitmap sees each write."""
-    s.ok("blockdev-backup", {"job-id": "fill", "device": via, "target": node, "sync": "full"})
-    s.wait_job("fill", "null")
+    _backup(s, "fill", via, node, "full")
 
 
 @needs_qsd
@@ -117,27 +130,13 @@ def test_backup_with_bitmap_modes(tmp_path: Path, sync: str, mode: str | None) -
         s.ok("block-dirty-bitmap-add", {"node": "tgt", "name": "b0"})
         _dirty_all(s, "tgt", "b0", via="src")
         before = s.bitmap("tgt", "b0")
-        args: dict[str, Any] = {
-            "job-id": "j",
-            "device": "tgt",
-            "target": "t2",
-            "sync": sync,
-            "bitmap": "b0",
-        }
-        if mode is not None:
-            args["bitmap-mode"] = mode
-        s.ok("blockdev-backup", args)
-        s.wait_job("j", "null")
-        done = next(
-            e
-            for e in s.events
-            if e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == "j"
-        )["data"]
+        extra = {} if mode is None else {"bitmap-mode": mode}
+        _backup(s, "j", "tgt", "t2", sync, bitmap="b0", **extra)
         return {
             "events": s.names(True),
             "before": before,
             "after": s.bitmaps("tgt"),
-            "done": done,
+            "done": _completed(s, "j"),
             "same": compare(d / "src.raw", d / "t2.raw"),
         }
 
@@ -162,29 +161,9 @@ def test_failed_incremental_keeps_bitmap_and_retry_succeeds(tmp_path: Path) -> N
         s.ok("block-dirty-bitmap-add", {"node": "tgt", "name": "b0"})
         _dirty_all(s, "tgt", "b0", via="src")
         before = s.bitmap("tgt", "b0")
-        s.ok(
-            "blockdev-backup",
-            {
-                "job-id": "inc1",
-                "device": "tgt",
-                "target": "bad",
-                "sync": "incremental",
-                "bitmap": "b0",
-            },
-        )
-        s.wait_job("inc1", "null")
+        _backup(s, "inc1", "tgt", "bad", "incremental", bitmap="b0")
         failed = s.bitmap("tgt", "b0")
-        s.ok(
-            "blockdev-backup",
-            {
-                "job-id": "inc2",
-                "device": "tgt",
-                "target": "t2",
-                "sync": "incremental",
-                "bitmap": "b0",
-            },
-        )
-        s.wait_job("inc2", "null")
+        _backup(s, "inc2", "tgt", "t2", "incremental", bitmap="b0")
         return {
             "events": s.names(True),
             "before": before,
@@ -264,24 +243,13 @@ def test_source_error_report_and_ignore(tmp_path: Path) -> None:
         )
         s.ok("blockdev-add", raw_node("tgt", d / "tgt.raw"))
         s.ok("blockdev-add", raw_node("t2", d / "t2.raw"))
-        s.ok(
-            "blockdev-backup",
-            {
-                "job-id": "j1",
-                "device": "src",
-                "target": "tgt",
-                "sync": "full",
-                "on-source-error": "ignore",
-            },
-        )
-        s.wait_job("j1", "null")
+        _backup(s, "j1", "src", "tgt", "full", **{"on-source-error": "ignore"})
         s.ok("blockdev-del", {"node-name": "src"})
         s.ok(
             "blockdev-add",
             blkdebug_raw_node("src", d / "src.raw", [{"event": "read_aio", "errno": 5}]),
         )
-        s.ok("blockdev-backup", {"job-id": "j2", "device": "src", "target": "t2", "sync": "full"})
-        s.wait_job("j2", "null")
+        _backup(s, "j2", "src", "t2", "full")
         return {"events": s.names(True), "same": compare(d / "src.raw", d / "tgt.raw")}
 
     res = run_both(tmp_path, _build, scenario)
@@ -437,20 +405,15 @@ def test_drive_backup_raw(tmp_path: Path) -> None:
 
 
 # -- qcow2 variants: run automatically once blockd has the qcow2 driver ----------------------
+def _qcow2_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
+    return {**raw_node(name, path, **extra), "driver": "qcow2"}
+
+
 def _build_qcow2(d: Path) -> None:
     qcow2_image(d / "base.qcow2", SIZE, [(0x33, 0, 2 * MiB), (0x44, 6 * MiB, MiB)])
     qcow2_image(d / "src.qcow2", SIZE, [(0x5A, MiB, 2 * MiB)], backing=d / "base.qcow2")
     qcow2_image(d / "tgt.qcow2", SIZE)
     qcow2_image(d / "top.qcow2", SIZE, backing=d / "base.qcow2")
-
-
-def _qcow2_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "driver": "qcow2",
-        "node-name": name,
-        "file": {"driver": "file", "filename": str(path)},
-        **extra,
-    }
 
 
 @needs_qsd
@@ -461,8 +424,7 @@ def test_qcow2_backup(tmp_path: Path, sync: str) -> None:
         s.ok("blockdev-add", _qcow2_node("src", d / "src.qcow2"))
         tgt = "tgt.qcow2" if sync == "full" else "top.qcow2"
         s.ok("blockdev-add", _qcow2_node("tgt", d / tgt, backing=None))
-        s.ok("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt", "sync": sync})
-        s.wait_job("j", "null")
+        _backup(s, "j", "src", "tgt", sync)
         s.ok("blockdev-del", {"node-name": "tgt"})
         from support import qemu_img
 

@@ -48,9 +48,17 @@ def _qcow2(path: Path, compat: str, cluster: int, size: int = SIZE) -> None:
              str(size))
 
 
-def _qcow2_node(name: str, path: Path) -> dict[str, Any]:
-    return {"driver": "qcow2", "node-name": name,
-            "file": {"driver": "file", "filename": str(path)}}
+def _qcow2_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
+    return {**raw_node(name, path, **extra), "driver": "qcow2"}
+
+
+def _completed(s: Session, job: str) -> dict[str, Any]:
+    """The data of *job*'s BLOCK_JOB_COMPLETED."""
+    return next(
+        e["data"]
+        for e in s.events
+        if e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == job
+    )
 
 
 def _check(path: Path) -> dict[str, Any]:
@@ -59,13 +67,6 @@ def _check(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(res.stdout)
     assert not out.get("leaks") and not out.get("corruptions"), out
     return out
-
-
-def _completed(s: Session, job: str) -> dict[str, Any]:
-    return next(
-        e["data"] for e in s.events
-        if e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == job
-    )
 
 
 @needs_qsd

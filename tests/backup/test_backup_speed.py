@@ -38,6 +38,17 @@ def _timed_backup(s: Session, d: Path, during: Any = None) -> dict[str, Any]:
     return {"elapsed": elapsed, "done": done, "events": s.names()}
 
 
+def _check_timed(res: dict[str, Any], not_same: str = "") -> None:
+    """Both targets right (*not_same*: what a wrong one means), neither backup faster than
+    the speed allows, and the same end and events."""
+    for kind in ("qsd", "blockd"):
+        r = res[kind]
+        assert r["same"], f"{kind}: {not_same}" if not_same else kind
+        assert r["elapsed"] >= MIN_SECONDS, f"{kind}: {SIZE} bytes in {r['elapsed']:.2f} s"
+    assert res["blockd"]["done"] == res["qsd"]["done"]
+    assert res["blockd"]["events"] == res["qsd"]["events"]
+
+
 @needs_qsd
 def test_zero_ranges_count_against_the_speed(tmp_path: Path) -> None:
     """A mostly sparse source: the zero ranges take their share of the time."""
@@ -52,13 +63,7 @@ def test_zero_ranges_count_against_the_speed(tmp_path: Path) -> None:
         res["same"] = compare(d / "src.raw", d / "tgt.raw")
         return res
 
-    res = run_both(tmp_path, build, scenario)
-    for kind in ("qsd", "blockd"):
-        r = res[kind]
-        assert r["same"], kind
-        assert r["elapsed"] >= MIN_SECONDS, f"{kind}: {SIZE} bytes in {r['elapsed']:.2f} s"
-    assert res["blockd"]["done"] == res["qsd"]["done"]
-    assert res["blockd"]["events"] == res["qsd"]["events"]
+    _check_timed(run_both(tmp_path, build, scenario))
 
 
 @needs_qsd
@@ -86,11 +91,5 @@ def test_copy_before_write_counts_against_the_speed(tmp_path: Path) -> None:
         res["same"] = compare(d / "snap.raw", d / "tgt.raw")
         return res
 
-    res = run_both(tmp_path, build, scenario)
-    for kind in ("qsd", "blockd"):
-        r = res[kind]
-        assert r["same"], f"{kind}: the target is not the image at the start"
-        assert r["elapsed"] >= MIN_SECONDS, f"{kind}: {SIZE} bytes in {r['elapsed']:.2f} s"
-    assert res["blockd"]["done"] == res["qsd"]["done"]
-    assert res["blockd"]["events"] == res["qsd"]["events"]
+    _check_timed(run_both(tmp_path, build, scenario), "the target is not the image at the start")
 

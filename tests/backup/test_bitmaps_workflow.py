@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from diffsupport import MiB, compare, needs_nbd, needs_qcow2, qcow2_image
+from diffsupport import MiB, compare, needs_nbd, needs_qcow2, qcow2_image, raw_node
 from qemu.qmp import QMPClient
 from support import EventLog, connect, needs_qsd, qemu_img, qemu_io, start_blockd, start_qsd
 
@@ -226,8 +226,8 @@ class LibClient:
 
 
 # -- the workflow --------------------------------------------------------------------------------
-def _qcow2_node(name: str, path: Path) -> dict[str, Any]:
-    return {"driver": "qcow2", "node-name": name, "file": {"driver": "file", "filename": str(path)}}
+def _qcow2_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
+    return {**raw_node(name, path, **extra), "driver": "qcow2"}
 
 
 def _io(target: str, fmt: str, cmds: list[str]) -> None:

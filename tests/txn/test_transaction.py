@@ -191,38 +191,34 @@ def _two_incrementals(s: Session, d: Path, *, grouped: bool) -> dict[str, Any]:
     }
 
 
-@needs_qsd
-def test_grouped_incrementals_one_failing(tmp_path: Path) -> None:
-    res = run_both(tmp_path, _build, lambda s, d: _two_incrementals(s, d, grouped=True))
+def _run_two_incrementals(
+    tmp_path: Path, grouped: bool, good_end: tuple[str, None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run :func:`_two_incrementals` on both daemons; check how each job ended (the bad one
+    with its write error, the good one with *good_end*) and the events; return the results."""
+    res = run_both(tmp_path, _build, lambda s, d: _two_incrementals(s, d, grouped=grouped))
     b, q = res["blockd"], res["qsd"]
     assert (
         b["ends"]
         == q["ends"]
-        == {
-            "bad": ("BLOCK_JOB_COMPLETED", "Input/output error"),
-            "good": ("BLOCK_JOB_CANCELLED", None),
-        }
+        == {"bad": ("BLOCK_JOB_COMPLETED", "Input/output error"), "good": good_end}
     )
-    assert b["after"] == b["before"] == q["after"]  # both bitmaps untouched
     assert b["events"] == q["events"]
+    return b, q
+
+
+@needs_qsd
+def test_grouped_incrementals_one_failing(tmp_path: Path) -> None:
+    b, q = _run_two_incrementals(tmp_path, True, ("BLOCK_JOB_CANCELLED", None))
+    assert b["after"] == b["before"] == q["after"]  # both bitmaps untouched
 
 
 @needs_qsd
 def test_individual_incrementals_one_failing(tmp_path: Path) -> None:
-    res = run_both(tmp_path, _build, lambda s, d: _two_incrementals(s, d, grouped=False))
-    b, q = res["blockd"], res["qsd"]
-    assert (
-        b["ends"]
-        == q["ends"]
-        == {
-            "bad": ("BLOCK_JOB_COMPLETED", "Input/output error"),
-            "good": ("BLOCK_JOB_COMPLETED", None),
-        }
-    )
+    b, q = _run_two_incrementals(tmp_path, False, ("BLOCK_JOB_COMPLETED", None))
     assert b["after"][0]["count"] == 0  # good one cleared its bitmap
     assert b["after"][1] == b["before"][1]  # bad one kept it
     assert b["after"] == q["after"]
-    assert b["events"] == q["events"]
     assert b["good_copied"] and q["good_copied"]
 
 

@@ -28,10 +28,11 @@ from typing import Any, ClassVar
 from blockd.bitmap.dirty import DirtyBitmap, release
 from blockd.bitmap.hbitmap import HBitmap
 from blockd.block.driver import driver_class
+from blockd.block.drivers.qcow2.driver import probe_format
+from blockd.block.graph import BlockGraph, _all_descendants
 from blockd.block.node import BlockNode
 from blockd.block.snapshot import ExternalSnapshot
 from blockd.errors import QmpError
-from blockd.io.pool import run_blocking
 from blockd.job.backup import BackupJob, BackupParams, create_backup_job
 from blockd.job.blockjob import BlockJob
 from blockd.job.core import JobTxn
@@ -40,6 +41,7 @@ from blockd.qapi.base import ArgsValidator
 from blockd.qapi.job import JobStatus as S
 from blockd.qapi.transaction import ActionCompletionMode, TransactionArgs
 from blockd.qmp.commands import bitmaps as bmc
+from blockd.qmp.commands.snapshot import snapshot_sync
 from blockd.qmp.registry import Context, command
 
 log = logging.getLogger(__name__)
@@ -69,11 +71,9 @@ class TxnState:
             return
         self.drained.pop(node, None)
         for job in reversed(self.new_jobs):
-            if node not in _job_nodes(job):
-                continue
-            if any(other in _job_nodes(job) for other in self.drained):
-                continue
-            job.end_drain()
+            nodes = _job_nodes(job)
+            if node in nodes and nodes.isdisjoint(self.drained):
+                job.end_drain()
 
 
 class Action:
@@ -134,6 +134,7 @@ class BitmapRemoveAction(Action):
     storing; commit releases it; abort gives it back."""
 
     bitmap: DirtyBitmap | None = None
+    _commit_task: asyncio.Future[None] | None = None
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -149,9 +150,8 @@ class BitmapRemoveAction(Action):
             self._commit_task = asyncio.ensure_future(bmc.bitmap_remove_commit(bm))
 
     async def clean(self) -> None:
-        task = getattr(self, "_commit_task", None)
-        if task is not None:
-            await task
+        if self._commit_task is not None:
+            await self._commit_task
 
     async def abort(self) -> None:
         if self.bitmap is not None:
@@ -159,17 +159,27 @@ class BitmapRemoveAction(Action):
             self.bitmap.skip_store = False
 
 
-class BitmapClearAction(Action):
+class _BitmapContentsAction(Action):
+    """An action that changes a bitmap's bits; abort puts the saved bits back."""
+
     saved: tuple[DirtyBitmap, HBitmap] | None = None
+
+    @staticmethod
+    def change(graph: BlockGraph, data: Any) -> tuple[DirtyBitmap, HBitmap]:
+        raise NotImplementedError
 
     async def prepare(self) -> None:
         await super().prepare()
-        self.saved = bmc.bitmap_clear_prepare(self.graph, self.data)
+        self.saved = self.change(self.graph, self.data)
 
     async def abort(self) -> None:
         if self.saved is not None:
             bm, hb = self.saved
             bm.hb.restore(hb)
+
+
+class BitmapClearAction(_BitmapContentsAction):
+    change = staticmethod(bmc.bitmap_clear_prepare)
 
 
 class BitmapEnableAction(Action):
@@ -190,47 +200,26 @@ class BitmapDisableAction(BitmapEnableAction):
     enable = False
 
 
-class BitmapMergeAction(Action):
-    saved: tuple[DirtyBitmap, HBitmap] | None = None
-
-    async def prepare(self) -> None:
-        await super().prepare()
-        self.saved = bmc.bitmap_merge_prepare(self.graph, self.data)
-
-    async def abort(self) -> None:
-        if self.saved is not None:
-            bm, hb = self.saved
-            bm.hb.restore(hb)
+class BitmapMergeAction(_BitmapContentsAction):
+    change = staticmethod(bmc.bitmap_merge_prepare)
 
 
 def _drain_node_blips(state: TxnState, node: BlockNode) -> None:
     """Running backup jobs whose nodes are *node* or above it see QEMU's drain of *node*."""
     for job in state.ctx.daemon.jobs.jobs.values():
-        if not isinstance(job, BackupJob) or job in state.new_jobs:
-            continue
-        if node in _subtree(job.source) or node in _subtree(job.target):
+        if isinstance(job, BackupJob) and job not in state.new_jobs and node in _job_nodes(job):
             job.drain_blip()
 
 
 def _job_nodes(job: BackupJob) -> set[BlockNode]:
     """Nodes whose drain pauses *job*: its source and target and everything below them."""
-    return _subtree(job.source) | _subtree(job.target)
-
-
-def _subtree(node: BlockNode) -> set[BlockNode]:
-    seen = {node}
-    todo = [c.node for c in node.children.values()]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(c.node for c in n.children.values())
-    return seen
+    return {job.source, job.target} | _all_descendants(job.source) | _all_descendants(job.target)
 
 
 class BlockdevBackupAction(Action):
     supports_grouped = True
     job: BackupJob | None = None
+    source: BlockNode | None = None
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -239,8 +228,6 @@ class BlockdevBackupAction(Action):
         source = graph.lookup(args.device, args.device)
         target = graph.lookup(args.target, args.target)
         await self._create(source, target, owns_target=False)
-
-    source: BlockNode | None = None
 
     async def _create(self, source: BlockNode, target: BlockNode, *, owns_target: bool) -> None:
         _drain_node_blips(self.state, source)
@@ -296,7 +283,7 @@ class DriveBackupAction(BlockdevBackupAction):
             assert fmt is not None
             await _create_image(graph, args.target, fmt, source.length, backing)
         if fmt is None:
-            fmt = await run_blocking(_probe_format, args.target)
+            fmt = await probe_format(args.target)  # QEMU probes; qcow2 or raw
         opts: dict[str, Any] = {"driver": fmt, "discard": "unmap", "detect-zeroes": "unmap"}
         if fmt == "file":
             opts["filename"] = args.target
@@ -325,16 +312,6 @@ def _cow_backing(node: BlockNode) -> BlockNode | None:
     while cur is not None and cur.driver.is_filter:
         cur = cur.filtered_child()
     return cur.backing if cur is not None else None
-
-
-def _probe_format(path: str) -> str:
-    """mode=existing without format: QEMU probes; qcow2 by its magic, raw otherwise."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise QmpError(f"Could not open '{path}': {exc.strerror}") from None
-    return "qcow2" if magic == b"QFI\xfb" else "raw"
 
 
 async def _create_image(
@@ -380,19 +357,11 @@ class SnapshotAction(Action):
 
     async def prepare(self) -> None:
         await super().prepare()
-        self.snap = ExternalSnapshot(self.graph)
         if self.kind == "blockdev-snapshot":
+            self.snap = ExternalSnapshot(self.graph)
             self.snap.prepare_existing(self.data.node, self.data.overlay)
         else:
-            d = self.data
-            await self.snap.prepare_sync(
-                device=d.device,
-                node_name=d.node_name,
-                snapshot_file=d.snapshot_file,
-                snapshot_node_name=d.snapshot_node_name,
-                fmt=d.format or "qcow2",
-                mode=d.mode.value if d.mode is not None else "absolute-paths",
-            )
+            self.snap = await snapshot_sync(self.state.ctx, self.data)
         await self.snap.commit()
 
     async def abort(self) -> None:
