@@ -97,9 +97,11 @@ class DirtyBitmap:
         return not self.disabled
 
     def set_range(self, offset: int, nbytes: int) -> None:
-        if self.hb.size != self.node.length:
-            self.hb.truncate(self.node.length)
         self.hb.set(offset, nbytes)
+
+    def resize(self, size: int) -> None:
+        """Follow the node's new length; a new tail starts clean."""
+        self.hb.truncate(size)
 
     # -- contents ----------------------------------------------------------------------
     def reset_range(self, offset: int, nbytes: int) -> None:

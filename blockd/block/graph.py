@@ -223,12 +223,7 @@ class BlockGraph:
         if not node.monitor_owned:
             raise QmpError(f"Node {name} is not owned by the monitor")
         node.check_not_busy()
-        for edge in node.parents:
-            if edge.name == "backing" and isinstance(edge.parent, BlockNode):
-                raise QmpError(
-                    f"Node '{name}' is busy: node is used as backing hd of "
-                    f"'{edge.parent.node_name}'"
-                )
+        node.check_not_backing()
         if node.parents:
             if any(not isinstance(e.parent, BlockNode) for e in node.parents):
                 raise QmpError(f"Node {name} is in use")

@@ -45,6 +45,8 @@ class DirtyTracker(Protocol):
 
     def set_range(self, offset: int, nbytes: int) -> None: ...
 
+    def resize(self, size: int) -> None: ...
+
 
 #: A hook run before a write reaches the driver: ``await hook(node, offset, nbytes)``.
 #: Copy-before-write uses it to save old data first. Raising fails the write.
@@ -261,6 +263,18 @@ class BlockNode:
         if reason:
             raise QmpError(f"Node '{self.node_name}' is busy: {reason}")
 
+    def check_not_backing(self) -> None:
+        """A backing file may be neither deleted nor replaced by a snapshot (QEMU's op
+        blocker that the backing child sets on it)."""
+        from blockd.errors import QmpError
+
+        for edge in self.parents:
+            if edge.name == "backing" and isinstance(edge.parent, BlockNode):
+                raise QmpError(
+                    f"Node '{self.node_name}' is busy: node is used as backing hd of "
+                    f"'{edge.parent.node_name}'"
+                )
+
     # -- request tracking ----------------------------------------------------------------
     async def _begin(self, start: int, end: int, write: bool, serialising: bool) -> _Req:
         """Register a request, then wait for the overlapping ones it must follow.
@@ -423,6 +437,8 @@ class BlockNode:
         old = self.length
         await self.drain()
         await self.driver.truncate(size, exact, prealloc)
+        for bm in self.dirty_bitmaps:
+            bm.resize(self.length)  # here, not on every write (QEMU's bdrv_dirty_bitmap_truncate)
         if size > old:
             self._mark_dirty(old, size - old)
 

@@ -139,12 +139,7 @@ class ExternalSnapshot:
 
     def _check_old(self, old: BlockNode) -> None:
         old.check_not_busy()
-        for edge in old.parents:
-            if edge.name == "backing" and isinstance(edge.parent, BlockNode):
-                raise QmpError(
-                    f"Node '{old.node_name}' is busy: node is used as backing hd of "
-                    f"'{edge.parent.node_name}'"
-                )
+        old.check_not_backing()
 
     # -- commit / abort ------------------------------------------------------------------
     async def commit(self) -> None:

@@ -473,8 +473,6 @@ class BitmapStore:
         them yet, so a crash here leaks at worst."""
         drv = self.drv
         cs = drv.cluster_size
-        if bm.hb.size != drv.size:
-            bm.hb.truncate(drv.size)
         bits = bm.hb.bits
         succ = bm.successor
         if succ is not None and len(succ.hb.bits) == len(bits):
