@@ -199,6 +199,19 @@ def raw_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
     }
 
 
+def qcow2_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
+    return {**raw_node(name, path, **extra), "driver": "qcow2"}
+
+
+def completed(s: Session, job: str) -> dict[str, Any]:
+    """The data of *job*'s BLOCK_JOB_COMPLETED."""
+    return next(
+        e["data"]
+        for e in s.events
+        if e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == job
+    )
+
+
 def blkdebug_raw_node(name: str, path: Path, rules: list[dict[str, Any]]) -> dict[str, Any]:
     """raw over blkdebug over file: requests fail as *rules* say."""
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -34,6 +35,15 @@ def run(
 
 def qemu_img(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     return run("qemu-img", *args, check=check)
+
+
+def check_image(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``qemu-img check --output=json`` with its exit code as ``rc`` (0 clean, 2 corrupt,
+    3 leaks only)."""
+    res = qemu_img("check", "--output=json", path, check=False)
+    out: dict[str, Any] = json.loads(res.stdout) if res.stdout.strip() else {}
+    out["rc"] = res.returncode
+    return out
 
 
 def qemu_io(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -13,9 +13,11 @@ from diffsupport import (
     Session,
     blkdebug_raw_node,
     compare,
+    completed,
     needs_qcow2,
     norm,
     qcow2_image,
+    qcow2_node,
     raw_image,
     raw_node,
     run_both,
@@ -47,13 +49,6 @@ def _backup(s: Session, job: str, device: str, target: str, sync: str, **extra: 
     s.wait_job(job, "null")
 
 
-def _completed(s: Session, job: str) -> dict[str, Any]:
-    """The data of *job*'s BLOCK_JOB_COMPLETED."""
-    return next(
-        e["data"]
-        for e in s.events
-        if e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == job
-    )
 
 
 def _same_events(res: dict[str, Any], exact_replies: bool = True) -> None:
@@ -74,7 +69,7 @@ def test_backup_sync_full_top(tmp_path: Path, sync: str) -> None:
         _backup(s, "j", "src", "tgt", sync)
         return {
             "events": s.names(True),
-            "done": _completed(s, "j"),
+            "done": completed(s, "j"),
             "same": compare(d / "src.raw", d / "tgt.raw"),
         }
 
@@ -136,7 +131,7 @@ def test_backup_with_bitmap_modes(tmp_path: Path, sync: str, mode: str | None) -
             "events": s.names(True),
             "before": before,
             "after": s.bitmaps("tgt"),
-            "done": _completed(s, "j"),
+            "done": completed(s, "j"),
             "same": compare(d / "src.raw", d / "t2.raw"),
         }
 
@@ -405,8 +400,6 @@ def test_drive_backup_raw(tmp_path: Path) -> None:
 
 
 # -- qcow2 variants: run automatically once blockd has the qcow2 driver ----------------------
-def _qcow2_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
-    return {**raw_node(name, path, **extra), "driver": "qcow2"}
 
 
 def _build_qcow2(d: Path) -> None:
@@ -421,9 +414,9 @@ def _build_qcow2(d: Path) -> None:
 @pytest.mark.parametrize("sync", ["full", "top"])
 def test_qcow2_backup(tmp_path: Path, sync: str) -> None:
     def scenario(s: Session, d: Path) -> dict[str, Any]:
-        s.ok("blockdev-add", _qcow2_node("src", d / "src.qcow2"))
+        s.ok("blockdev-add", qcow2_node("src", d / "src.qcow2"))
         tgt = "tgt.qcow2" if sync == "full" else "top.qcow2"
-        s.ok("blockdev-add", _qcow2_node("tgt", d / tgt, backing=None))
+        s.ok("blockdev-add", qcow2_node("tgt", d / tgt, backing=None))
         _backup(s, "j", "src", "tgt", sync)
         s.ok("blockdev-del", {"node-name": "tgt"})
         from support import qemu_img

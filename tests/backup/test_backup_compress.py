@@ -8,7 +8,6 @@ qemu-img 7.2's map has no ``compressed`` member, so compressed clusters are coun
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import subprocess
@@ -20,14 +19,16 @@ from diffsupport import (
     MiB,
     Session,
     compare,
+    completed,
     nbd_write,
     needs_nbd,
     needs_qcow2,
+    qcow2_node,
     raw_image,
     raw_node,
     run_both,
 )
-from support import needs_qsd, qemu_img, qemu_io, start_blockd
+from support import check_image, needs_qsd, qemu_img, qemu_io, start_blockd
 
 SIZE = 8 * MiB
 
@@ -48,23 +49,13 @@ def _qcow2(path: Path, compat: str, cluster: int, size: int = SIZE) -> None:
              str(size))
 
 
-def _qcow2_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
-    return {**raw_node(name, path, **extra), "driver": "qcow2"}
 
 
-def _completed(s: Session, job: str) -> dict[str, Any]:
-    """The data of *job*'s BLOCK_JOB_COMPLETED."""
-    return next(
-        e["data"]
-        for e in s.events
-        if e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == job
-    )
 
 
 def _check(path: Path) -> dict[str, Any]:
-    res = qemu_img("check", "--output=json", path, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-    out: dict[str, Any] = json.loads(res.stdout)
+    out = check_image(path)
+    assert out["rc"] == 0, out
     assert not out.get("leaks") and not out.get("corruptions"), out
     return out
 
@@ -84,7 +75,7 @@ def test_backup_compress_like_qsd(tmp_path: Path, compat: str, cluster: int) -> 
     def scenario(s: Session, d: Path) -> dict[str, Any]:
         s.ok("blockdev-add", raw_node("src", d / "src.raw"))
         s.ok("blockdev-add", raw_node("raw", d / "tgt.raw"))
-        s.ok("blockdev-add", _qcow2_node("q", d / "tgt.qcow2"))
+        s.ok("blockdev-add", qcow2_node("q", d / "tgt.qcow2"))
         errors = [
             s.err("blockdev-backup", {"job-id": "r", "device": "src", "target": "raw",
                                       "sync": "full", "compress": True}),
@@ -102,8 +93,8 @@ def test_backup_compress_like_qsd(tmp_path: Path, compat: str, cluster: int) -> 
         s.wait_job("k", "null")
         return {
             "errors": errors,
-            "done": _completed(s, "j"),
-            "again": _completed(s, "k").get("error"),
+            "done": completed(s, "j"),
+            "again": completed(s, "k").get("error"),
             "events": [n for n in s.names() if not n.startswith("J:k:")],
         }
 
@@ -148,11 +139,11 @@ def test_normal_writes_over_compressed_target(tmp_path: Path, compat: str, clust
         writes.append((rng.randrange(1, 255), off, rng.choice([1, 512, 4096, 70_000, 200_000])))
     try:
         s.ok("blockdev-add", raw_node("src", src))
-        s.ok("blockdev-add", _qcow2_node("q", tgt))
+        s.ok("blockdev-add", qcow2_node("q", tgt))
         s.ok("blockdev-backup", {"job-id": "j", "device": "src", "target": "q",
                                  "sync": "full", "compress": True})
         s.wait_job("j", "null")
-        assert "error" not in _completed(s, "j")
+        assert "error" not in completed(s, "j")
         s.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd_sock)}}})
         s.ok("block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "writable": True})
         for pattern, off, n in writes:
@@ -191,7 +182,7 @@ def test_compressed_backup_is_point_in_time(tmp_path: Path) -> None:
             shutil.copy(src, snap)
             _qcow2(tgt, "1.1", 65536)
             s.ok("blockdev-add", raw_node("src", src))
-            s.ok("blockdev-add", _qcow2_node("q", tgt))
+            s.ok("blockdev-add", qcow2_node("q", tgt))
             s.ok("block-export-add",
                  {"type": "nbd", "id": "e", "node-name": "src", "writable": True})
             s.ok("blockdev-backup", {"job-id": "j", "device": "src", "target": "q",
@@ -208,7 +199,7 @@ def test_compressed_backup_is_point_in_time(tmp_path: Path) -> None:
             assert res.returncode == 0 and "error" not in res.stdout.lower(), res.stdout
             s.ok("block-job-set-speed", {"device": "j", "speed": 0})
             s.wait_job("j", "null")
-            assert "error" not in _completed(s, "j")
+            assert "error" not in completed(s, "j")
             s.ok("block-export-del", {"id": "e"})
             s.wait(lambda e: e["event"] == "BLOCK_EXPORT_DELETED")
             s.events.clear()

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from diffsupport import MiB, compare, needs_nbd, needs_qcow2, qcow2_image, raw_node
+from diffsupport import MiB, compare, needs_nbd, needs_qcow2, qcow2_image, qcow2_node
 from qemu.qmp import QMPClient
 from support import EventLog, connect, needs_qsd, qemu_img, qemu_io, start_blockd, start_qsd
 
@@ -226,8 +226,6 @@ class LibClient:
 
 
 # -- the workflow --------------------------------------------------------------------------------
-def _qcow2_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
-    return {**raw_node(name, path, **extra), "driver": "qcow2"}
 
 
 def _io(target: str, fmt: str, cmds: list[str]) -> None:
@@ -307,7 +305,7 @@ async def workflow(q: Client, d: Path) -> dict[str, Any]:
     async def chain_equals(top: str, snap: Path) -> bool:
         return await asyncio.to_thread(compare, d / top, snap, "qcow2", "raw")
 
-    await q.execute("blockdev-add", _qcow2_node("src", d / "src.qcow2"))
+    await q.execute("blockdev-add", qcow2_node("src", d / "src.qcow2"))
     await q.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd)}}})
     await q.execute(
         "block-export-add", {"type": "nbd", "id": "exp", "node-name": "src", "writable": True}
@@ -315,7 +313,7 @@ async def workflow(q: Client, d: Path) -> dict[str, Any]:
     res["bitmaps_before"] = await _bitmaps(q, "src")
 
     # 1. bitmap and full backup in one transaction
-    await q.execute("blockdev-add", _qcow2_node("full", d / "full.qcow2"))
+    await q.execute("blockdev-add", qcow2_node("full", d / "full.qcow2"))
     snap0 = await snapshot("snap0")
     await q.transaction(
         [
@@ -337,7 +335,7 @@ async def workflow(q: Client, d: Path) -> dict[str, Any]:
 
     # 3a. first incremental: blockdev-backup into an image backed by the full backup
     await asyncio.to_thread(qcow2_image, d / "inc0.qcow2", SIZE, backing=d / "full.qcow2")
-    await q.execute("blockdev-add", _qcow2_node("inc0", d / "inc0.qcow2"))
+    await q.execute("blockdev-add", qcow2_node("inc0", d / "inc0.qcow2"))
     snap1 = await snapshot("snap1")
     await q.execute(
         "blockdev-backup",

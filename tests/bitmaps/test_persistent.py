@@ -12,19 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from diffsupport import MiB, Session, start
-from support import Daemon, needs_qsd, qemu_img, qemu_io
+from diffsupport import MiB, Session, qcow2_node, start
+from support import Daemon, check_image, needs_qsd, qemu_img, qemu_io
 
 SIZE = 64 * MiB
 
 
-def qcow2_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "driver": "qcow2",
-        "node-name": name,
-        "file": {"driver": "file", "filename": str(path)},
-        **extra,
-    }
 
 
 def info(path: Path) -> dict[str, Any]:
@@ -37,11 +30,6 @@ def image_bitmaps(path: Path) -> dict[str, dict[str, Any]]:
     return {b["name"]: b for b in data.get("bitmaps", [])}
 
 
-def check(path: Path) -> dict[str, Any]:
-    res = qemu_img("check", "--output=json", path, check=False)
-    out = json.loads(res.stdout) if res.stdout.strip() else {}
-    out["rc"] = res.returncode
-    return out
 
 
 def export(s: Session, d: Path, node: str) -> Path:
@@ -128,7 +116,7 @@ def test_round_trip_through_qemu_img_qsd_and_restart(tmp_path: Path, img: Path) 
     assert all("in-use" not in x["flags"] for x in stored.values())
     assert stored["frozen"]["flags"] == [] and stored["mine"]["flags"] == ["auto"]
     assert stored["frozen"]["granularity"] == 512
-    res = check(img)
+    res = check_image(img)
     assert res["rc"] == 0 and not res.get("leaks") and not res.get("corruptions"), res
 
     # 3. blockd again: same bitmaps, same counts, disabled stays disabled.
@@ -150,7 +138,7 @@ def test_round_trip_through_qemu_img_qsd_and_restart(tmp_path: Path, img: Path) 
     s.ok("blockdev-del", {"node-name": "d"})
     s.close()
     qsd.stop()
-    res = check(img)
+    res = check_image(img)
     assert res["rc"] == 0 and not res.get("leaks") and not res.get("corruptions"), res
 
 
@@ -174,7 +162,7 @@ def test_after_kill_9_bitmaps_are_inconsistent_and_only_removable(
     _kill(b)
     s.close()
     assert all("in-use" in x["flags"] for x in image_bitmaps(img).values())
-    res = check(img)
+    res = check_image(img)
     assert not res.get("corruptions") and not res.get("check-errors"), res
 
     results: dict[str, list[Any]] = {}
@@ -211,7 +199,7 @@ def test_after_kill_9_bitmaps_are_inconsistent_and_only_removable(
     # b1 stays inconsistent (in use) in the image until someone removes it.
     assert results["blockd"][-1] == ["b1"]
     assert "in-use" in image_bitmaps(img)["b1"]["flags"]
-    res = check(img)
+    res = check_image(img)
     assert not res.get("corruptions") and not res.get("check-errors"), res
 
 
@@ -256,7 +244,7 @@ def test_persistent_errors_match_qsd(tmp_path: Path) -> None:
         out.append(",".join(sorted(image_bitmaps(v3))))
         s.close()
         daemon.stop()
-        res = check(v3)
+        res = check_image(v3)
         assert res["rc"] == 0 and not res.get("leaks"), (kind, res)
         results[kind] = out
     assert results["blockd"] == results["qsd"], results
@@ -295,7 +283,7 @@ def test_kill_9_at_random_moments_never_leaves_wrong_bitmaps(tmp_path: Path, img
             time.sleep(rng.uniform(0, 0.003))
         _kill(d)
         s.close()
-        res = check(img)
+        res = check_image(img)
         assert not res.get("corruptions") and not res.get("check-errors"), (run, res)
         bms = image_bitmaps(img)
         outcomes["absent" if "k" not in bms else "in-use" if "in-use" in bms["k"]["flags"]
@@ -341,5 +329,5 @@ def test_failed_store_is_an_error_and_keeps_node_and_bitmap(tmp_path: Path, img:
     b.stop()
     assert "Traceback" not in b.log_text()
     assert image_bitmaps(img) == {}
-    res = check(img)
+    res = check_image(img)
     assert not res.get("corruptions") and not res.get("check-errors"), res

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # support
 
 from qcow2_helpers import MiB, apply_op, batches, open_qcow2, pattern, random_ops
 

@@ -11,12 +11,14 @@ is exact everywhere and ``qemu-img compare`` can check every byte.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
 from dataclasses import dataclass
 from typing import Any
+
+import support
+from support import qemu_img as qemu_img
 
 from blockd.block.driver import WriteFlags
 from blockd.block.graph import BlockGraph
@@ -25,10 +27,6 @@ from blockd.qapi.base import ArgsValidator
 from blockd.qapi.block import BlockdevOptions
 
 MiB = 1024 * 1024
-
-
-def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=check)
 
 
 def qemu_io(path: str, *cmds: str, fmt: str = "qcow2") -> None:
@@ -56,10 +54,8 @@ def backed_qcow2(
 
 def check_image(path: str) -> dict[str, Any]:
     """``qemu-img check --output=json``; exit code 0 = clean, 3 = leaks only."""
-    res = qemu_img("check", "--output=json", path, check=False)
-    assert res.returncode in (0, 2, 3), res.stderr
-    out: dict[str, Any] = json.loads(res.stdout)
-    out["rc"] = res.returncode
+    out = support.check_image(path)
+    assert out["rc"] in (0, 2, 3), out
     return out
 
 
