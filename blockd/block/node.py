@@ -338,16 +338,24 @@ class BlockNode:
     async def _read_aligned(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
         req = await self._begin(offset, offset + nbytes, False, False)
         try:
-            maxt = self.driver.limits.max_transfer
-            if not maxt or nbytes <= maxt:
-                return await self.driver.preadv(offset, nbytes)
-            out = bytearray(nbytes)
-            for pos in range(0, nbytes, maxt):
-                n = min(maxt, nbytes - pos)
-                out[pos : pos + n] = await self.driver.preadv(offset + pos, n)
-            return out
+            return await self.read_untracked(offset, nbytes)
         finally:
             self._end(req)
+
+    async def read_untracked(
+        self, offset: int, nbytes: int
+    ) -> bytes | bytearray | memoryview:
+        """An aligned read in ``max_transfer`` pieces that joins no request tracking: for
+        copy-before-write, which runs inside a write on this very node and would otherwise
+        wait for itself (block-copy guarantees nobody writes what it reads)."""
+        maxt = self.driver.limits.max_transfer
+        if not maxt or nbytes <= maxt:
+            return await self.driver.preadv(offset, nbytes)
+        out = bytearray(nbytes)
+        for pos in range(0, nbytes, maxt):
+            n = min(maxt, nbytes - pos)
+            out[pos : pos + n] = await self.driver.preadv(offset + pos, n)
+        return out
 
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags = WriteFlags.NONE

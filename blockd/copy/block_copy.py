@@ -228,18 +228,10 @@ class BlockCopy:
 
     async def _read_source(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
         node = self.source
-        limits = node.driver.limits
-        align = limits.request_alignment
+        align = node.driver.limits.request_alignment
         if offset + nbytes > node.length or (align > 1 and (offset % align or nbytes % align)):
             return await node.read(offset, nbytes)  # odd tail: the checked path
-        maxt = limits.max_transfer
-        if not maxt or nbytes <= maxt:
-            return await node.driver.preadv(offset, nbytes)
-        out = bytearray(nbytes)
-        for pos in range(0, nbytes, maxt):
-            n = min(maxt, nbytes - pos)
-            out[pos : pos + n] = await node.driver.preadv(offset + pos, n)
-        return out
+        return await node.read_untracked(offset, nbytes)
 
     def _start_task(self, start: int, end: int, zero: bool) -> _Task:
         """Claim ``[start, end)``: clear its bits and register it as in flight."""
