@@ -59,9 +59,10 @@ def make_images(
                     f.write(os.urandom(MiB))
     cases.append((f"{sparse_gib} GiB sparse raw (1 GiB data)", sparse, "raw", sparse_gib * GiB))
     if with_qcow2:
-        for label, src, size in (("1 GiB dense qcow2", dense, GiB),
-                                 (f"{sparse_gib} GiB sparse qcow2 (1 GiB data)", sparse,
-                                  sparse_gib * GiB)):
+        for label, src, size in (
+            ("1 GiB dense qcow2", dense, GiB),
+            (f"{sparse_gib} GiB sparse qcow2 (1 GiB data)", sparse, sparse_gib * GiB),
+        ):
             q = src.with_suffix(".qcow2")
             if not q.exists():
                 run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-S", "64k", src, q)
@@ -80,8 +81,7 @@ def run_one(kind: str, d: Path, src: Path, fmt: str, size: int) -> tuple[float, 
         q.cmd("blockdev-add", node("src", src, fmt))
         q.cmd("blockdev-add", node("tgt", tgt, fmt))
         t0 = time.perf_counter()
-        q.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
-                                  "sync": "full"})
+        q.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt", "sync": "full"})
         ev = q.wait_event("BLOCK_JOB_COMPLETED")
         elapsed = time.perf_counter() - t0
         if "error" in ev["data"]:
@@ -111,8 +111,12 @@ def main() -> int:
     ap.add_argument("--dir", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the images")
     ap.add_argument("--no-qcow2", action="store_true")
-    ap.add_argument("--sparse-gib", type=int, default=64,
-                    help="virtual size of the sparse image (its raw target needs that much disk)")
+    ap.add_argument(
+        "--sparse-gib",
+        type=int,
+        default=64,
+        help="virtual size of the sparse image (its raw target needs that much disk)",
+    )
     args = ap.parse_args()
     d = args.dir or Path(tempfile.mkdtemp(prefix="bench-backup-"))
     d.mkdir(parents=True, exist_ok=True)
@@ -122,13 +126,18 @@ def main() -> int:
     with_qcow2 = not args.no_qcow2 and driver_class("qcow2") is not None
     try:
         cases = make_images(d, with_qcow2, args.sparse_gib)
-        print(f"{'case':34} {'blockd s':>9} {'qsd s':>7} {'blockd MiB/s':>13} "
-              f"{'qsd MiB/s':>10} {'ratio':>6} {'blockd RSS':>11} {'qsd RSS':>8}")
+        print(
+            f"{'case':34} {'blockd s':>9} {'qsd s':>7} {'blockd MiB/s':>13} "
+            f"{'qsd MiB/s':>10} {'ratio':>6} {'blockd RSS':>11} {'qsd RSS':>8}"
+        )
         for label, src, fmt, size in cases:
             free = shutil.disk_usage(d).free
             if free < target_needs(fmt, size):
-                print(f"{label:34} skipped: its target needs {target_needs(fmt, size) / GiB:.1f} "
-                      f"GiB free, {free / GiB:.1f} GiB left (try --sparse-gib)", flush=True)
+                print(
+                    f"{label:34} skipped: its target needs {target_needs(fmt, size) / GiB:.1f} "
+                    f"GiB free, {free / GiB:.1f} GiB left (try --sparse-gib)",
+                    flush=True,
+                )
                 continue
             best: dict[str, float] = {"blockd": float("inf"), "qsd": float("inf")}
             rss: dict[str, float] = {"blockd": 0.0, "qsd": 0.0}
@@ -139,8 +148,11 @@ def main() -> int:
                     rss[kind] = max(rss[kind], r)
             data_mib = 1024  # both cases carry 1 GiB of data
             b, q = best["blockd"], best["qsd"]
-            print(f"{label:34} {b:9.2f} {q:7.2f} {data_mib / b:13.0f} {data_mib / q:10.0f} "
-                  f"{q / b:6.2f} {rss['blockd']:8.0f} MiB {rss['qsd']:4.0f} MiB", flush=True)
+            print(
+                f"{label:34} {b:9.2f} {q:7.2f} {data_mib / b:13.0f} {data_mib / q:10.0f} "
+                f"{q / b:6.2f} {rss['blockd']:8.0f} MiB {rss['qsd']:4.0f} MiB",
+                flush=True,
+            )
         print("ratio = blockd throughput / QSD throughput (>1: blockd faster)")
     finally:
         if not args.keep and args.dir is None:

@@ -54,9 +54,21 @@ PATTERN = 0xA5
 def bench(uri: str, args: argparse.Namespace) -> float:
     """Seconds one ``qemu-img bench`` write run took (as qemu-img reports it)."""
     count = args.write_mib * MiB // args.block_size
-    return img_bench(uri, "-w", "-t", "none", "-c", str(count), "-d", str(args.depth),
-                     "-s", str(args.block_size), "-o", str(args.offset_mib * MiB),
-                     f"--pattern={PATTERN}")
+    return img_bench(
+        uri,
+        "-w",
+        "-t",
+        "none",
+        "-c",
+        str(count),
+        "-d",
+        str(args.depth),
+        "-s",
+        str(args.block_size),
+        "-o",
+        str(args.offset_mib * MiB),
+        f"--pattern={PATTERN}",
+    )
 
 
 def one_run(
@@ -74,8 +86,16 @@ def one_run(
         q.cmd("blockdev-add", node("src", src, fmt))
         q.cmd("blockdev-add", node("tgt", tgt, fmt))
         uri = export_nbd(q, "src", d / "nbd.sock")
-        q.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
-                                  "sync": "full", "speed": args.speed_kib * KiB})
+        q.cmd(
+            "blockdev-backup",
+            {
+                "job-id": "b",
+                "device": "src",
+                "target": "tgt",
+                "sync": "full",
+                "speed": args.speed_kib * KiB,
+            },
+        )
         during = bench(uri, args)
         jobs = q.cmd("query-block-jobs")
         if not jobs or jobs[0]["offset"] >= jobs[0]["len"]:
@@ -93,8 +113,14 @@ def one_run(
         stop(proc, 30 if quit_sent else 0)
     if not same(pristine, tgt, fmt):
         raise RuntimeError(f"{kind}: {fmt} target differs from the image at job start")
-    out = run("qemu-io", "-f", fmt, "-c",
-              f"read -P {PATTERN} {args.offset_mib * MiB} {args.write_mib * MiB}", src)
+    out = run(
+        "qemu-io",
+        "-f",
+        fmt,
+        "-c",
+        f"read -P {PATTERN} {args.offset_mib * MiB} {args.write_mib * MiB}",
+        src,
+    )
     if "fail" in out.lower() or "error" in out.lower():
         raise RuntimeError(f"{kind}: the source lacks the guest writes: {out[-500:]}")
     src.unlink()
@@ -108,9 +134,14 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=512, help="image size (default 512)")
     ap.add_argument("--write-mib", type=int, default=256, help="bytes the bench writes")
     ap.add_argument("--offset-mib", type=int, default=128, help="where the bench starts")
-    ap.add_argument("--block-size", type=lambda s: int(s[:-1]) * KiB if s[-1] in "kK" else
-                    int(s[:-1]) * MiB if s[-1] in "mM" else int(s), default=64 * KiB,
-                    help="request size (64k, 1M, ...; default 64k)")
+    ap.add_argument(
+        "--block-size",
+        type=lambda s: (
+            int(s[:-1]) * KiB if s[-1] in "kK" else int(s[:-1]) * MiB if s[-1] in "mM" else int(s)
+        ),
+        default=64 * KiB,
+        help="request size (64k, 1M, ...; default 64k)",
+    )
     ap.add_argument("--depth", type=int, default=8, help="queue depth (default 8)")
     ap.add_argument("--speed-kib", type=int, default=64, help="backup speed in KiB/s")
     ap.add_argument("--runs", type=int, default=2, help="runs per daemon and case")
@@ -126,9 +157,12 @@ def main() -> int:
     kinds = [args.only] if args.only else ["blockd", "qsd"]
     try:
         raw = random_image(base / "pristine.raw", args.size_mib)
-        print(f"{args.write_mib} MiB of {args.block_size // KiB} KiB writes at depth "
-              f"{args.depth} over NBD, {args.size_mib} MiB image of random data, backup "
-              f"speed {args.speed_kib} KiB/s", flush=True)
+        print(
+            f"{args.write_mib} MiB of {args.block_size // KiB} KiB writes at depth "
+            f"{args.depth} over NBD, {args.size_mib} MiB image of random data, backup "
+            f"speed {args.speed_kib} KiB/s",
+            flush=True,
+        )
         summary = []
         for fmt in args.formats.split(","):
             pristine = raw
@@ -140,17 +174,23 @@ def main() -> int:
                 for kind in kinds if r % 2 == 0 else kinds[::-1]:
                     during, baseline = one_run(kind, base, pristine, fmt, args)
                     res[kind].append((during, baseline))
-                    print(f"  {fmt:5} run {r + 1} {kind:6} during backup {during:7.1f} MiB/s"
-                          f"   baseline {baseline:7.1f} MiB/s   (target verified)", flush=True)
+                    print(
+                        f"  {fmt:5} run {r + 1} {kind:6} during backup {during:7.1f} MiB/s"
+                        f"   baseline {baseline:7.1f} MiB/s   (target verified)",
+                        flush=True,
+                    )
             if pristine != raw:
                 pristine.unlink()
-            med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
-                   for k, v in res.items()}
+            med = {
+                k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+                for k, v in res.items()
+            }
             summary.append((fmt, med))
         print()
         for fmt, med in summary:
-            line = "  ".join(f"{k}: during {m[0]:7.1f} MiB/s baseline {m[1]:7.1f} MiB/s"
-                             for k, m in med.items())
+            line = "  ".join(
+                f"{k}: during {m[0]:7.1f} MiB/s baseline {m[1]:7.1f} MiB/s" for k, m in med.items()
+            )
             if len(med) == 2:
                 b, q = med["blockd"], med["qsd"]
                 line += f"  blockd/QSD during {b[0] / q[0]:.2f} baseline {b[1] / q[1]:.2f}"

@@ -57,8 +57,12 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=2048, help="requests per run (default 2048)")
     ap.add_argument("--runs", type=int, default=3, help="runs per daemon and mode (default 3)")
     ap.add_argument("--dir", help="work directory (default: a new temporary one)")
-    ap.add_argument("--block-kib", type=int, default=1024,
-                    help="request size in KiB (default 1024; 64 shows per-request cost)")
+    ap.add_argument(
+        "--block-kib",
+        type=int,
+        default=1024,
+        help="request size in KiB (default 1024; 64 shows per-request cost)",
+    )
     args = ap.parse_args()
     if shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None:
         print("bench_nbd: needs qemu-storage-daemon and qemu-img", file=sys.stderr)
@@ -74,9 +78,11 @@ def main() -> int:
         for kind in ("blockd", "qsd"):
             procs[kind], uris[kind] = start_export(kind, work, images[kind])
         results: dict[tuple[str, str], list[float]] = {}
-        print(f"qemu-img bench: {args.block_kib} KiB sequential, depth 8, {args.count} requests "
-              "per run, "
-              f"{args.size_mib} MiB raw image, Unix socket")
+        print(
+            f"qemu-img bench: {args.block_kib} KiB sequential, depth 8, {args.count} requests "
+            "per run, "
+            f"{args.size_mib} MiB raw image, Unix socket"
+        )
         for mode in ("read", "write"):
             for run in range(args.runs):
                 for kind in ("blockd", "qsd") if run % 2 == 0 else ("qsd", "blockd"):
@@ -87,8 +93,9 @@ def main() -> int:
         for mode in ("read", "write"):
             b = statistics.median(results[("blockd", mode)])
             q = statistics.median(results[("qsd", mode)])
-            print(f"{mode:5}: blockd {b:8.1f} MiB/s   QSD {q:8.1f} MiB/s   "
-                  f"blockd/QSD = {b / q:.2f}")
+            print(
+                f"{mode:5}: blockd {b:8.1f} MiB/s   QSD {q:8.1f} MiB/s   blockd/QSD = {b / q:.2f}"
+            )
     finally:
         for p in procs.values():
             stop(p)

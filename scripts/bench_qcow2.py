@@ -59,8 +59,17 @@ def prepare(fmt: str, raw: str, q: str, total: int, cluster_size: int) -> None:
             f.truncate(total)
     else:
         subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}",
-             q, str(total)],
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                f"cluster_size={cluster_size}",
+                q,
+                str(total),
+            ],
             check=True,
         )
 
@@ -90,13 +99,17 @@ async def main() -> None:
                 prepare(fmt, raw, q, total, args.cluster_size)
                 if fmt == "raw":
                     spec: dict[str, Any] = {
-                        "driver": "raw", "node-name": "r",
+                        "driver": "raw",
+                        "node-name": "r",
                         "file": {"driver": "file", "filename": raw},
                     }
                     best_raw = max(best_raw, await run_one(spec, total, args.depth, buf))
                     continue
-                spec = {"driver": "qcow2", "node-name": "q",
-                        "file": {"driver": "file", "filename": q}}
+                spec = {
+                    "driver": "qcow2",
+                    "node-name": "q",
+                    "file": {"driver": "file", "filename": q},
+                }
                 best_q = max(best_q, await run_one(spec, total, args.depth, buf))
                 check_clean(q)
     print(f"raw   : {best_raw:8.1f} MiB/s")

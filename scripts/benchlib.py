@@ -80,8 +80,13 @@ def start(kind: str, d: Path) -> tuple[subprocess.Popen[bytes], Path]:
         level = os.environ.get("BLOCKD_LOG", "warning")
         cmd = [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", level]
     else:
-        cmd = ["qemu-storage-daemon", "--chardev", f"socket,path={sock},server=on,wait=off,id=m",
-               "--monitor", "chardev=m"]
+        cmd = [
+            "qemu-storage-daemon",
+            "--chardev",
+            f"socket,path={sock},server=on,wait=off,id=m",
+            "--monitor",
+            "chardev=m",
+        ]
     with open(d / f"{kind}.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + 20
@@ -111,16 +116,22 @@ def stop(proc: subprocess.Popen[bytes], wait: float = 0) -> None:
 
 def node(name: str, path: Path, fmt: str, **extra: Any) -> dict[str, Any]:
     """blockdev-add arguments of a *fmt* node over a file."""
-    return {"driver": fmt, "node-name": name,
-            "file": {"driver": "file", "filename": str(path)}, **extra}
+    return {
+        "driver": fmt,
+        "node-name": name,
+        "file": {"driver": "file", "filename": str(path)},
+        **extra,
+    }
 
 
 def export_nbd(q: Qmp, node_name: str, path: Path) -> str:
     """Export *node_name* writable over NBD on the Unix socket *path* (export id: the node
     name); returns the URI."""
     q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(path)}}})
-    q.cmd("block-export-add", {"type": "nbd", "id": node_name, "node-name": node_name,
-                               "writable": True})
+    q.cmd(
+        "block-export-add",
+        {"type": "nbd", "id": node_name, "node-name": node_name, "writable": True},
+    )
     return f"nbd+unix:///{node_name}?socket={path}"
 
 
@@ -144,7 +155,8 @@ def same(a: Path, b: Path, fmt: str) -> bool:
     """Whether two *fmt* images hold the same data (``qemu-img compare``)."""
     res = subprocess.run(
         ["qemu-img", "compare", "-q", "-U", "-f", fmt, "-F", fmt, str(a), str(b)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if res.returncode not in (0, 1):
         raise RuntimeError(f"qemu-img compare {a} {b}: {res.stderr}")
@@ -161,8 +173,9 @@ def random_image(path: Path, size_mib: int) -> Path:
 
 def img_bench(uri: str, *opts: str) -> float:
     """Seconds one ``qemu-img bench -f raw OPTS URI`` run took (as qemu-img reports it)."""
-    res = subprocess.run(["qemu-img", "bench", "-f", "raw", *opts, uri],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["qemu-img", "bench", "-f", "raw", *opts, uri], capture_output=True, text=True
+    )
     m = re.search(r"Run completed in ([0-9.]+) seconds", res.stdout)
     if res.returncode != 0 or m is None:
         raise RuntimeError(f"qemu-img bench failed: {res.stdout}{res.stderr}")

@@ -342,9 +342,7 @@ class BlockNode:
         finally:
             self._end(req)
 
-    async def read_untracked(
-        self, offset: int, nbytes: int
-    ) -> bytes | bytearray | memoryview:
+    async def read_untracked(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
         """An aligned read in ``max_transfer`` pieces that joins no request tracking: for
         copy-before-write, which runs inside a write on this very node and would otherwise
         wait for itself (block-copy guarantees nobody writes what it reads)."""

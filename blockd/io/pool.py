@@ -70,8 +70,9 @@ class IoPool:
 
     def __init__(self, workers: int) -> None:
         self.max_workers = workers
-        self._queue: queue.SimpleQueue[tuple[_LoopInbox, asyncio.Future[Any], Callable[[], Any]]
-                                       | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[
+            tuple[_LoopInbox, asyncio.Future[Any], Callable[[], Any]] | None
+        ] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._lock = threading.Lock()
@@ -96,8 +97,9 @@ class IoPool:
             if self._idle > 0:
                 self._idle -= 1
             elif len(self._threads) < self.max_workers:
-                t = threading.Thread(target=self._work, name=f"blockd-io-{len(self._threads)}",
-                                     daemon=True)
+                t = threading.Thread(
+                    target=self._work, name=f"blockd-io-{len(self._threads)}", daemon=True
+                )
                 self._threads.append(t)
                 t.start()
         return fut

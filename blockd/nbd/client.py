@@ -93,9 +93,7 @@ async def open_stream(
     except TimeoutError:
         raise NbdConnectError(f"Failed to connect to '{shown}': Connection timed out") from None
     except socket.gaierror as exc:
-        raise NbdConnectError(
-            f"address resolution failed for {shown}: {exc.strerror}"
-        ) from None
+        raise NbdConnectError(f"address resolution failed for {shown}: {exc.strerror}") from None
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise NbdConnectError(f"Failed to connect to '{shown}': {reason}") from None
@@ -227,6 +225,7 @@ class NbdClient:
         """Send NBD_CMD_DISC after the requests in flight, then close."""
         if self.closed:
             return
+
         async def polite() -> None:
             for _ in range(MAX_INFLIGHT):
                 await self._slots.acquire()
@@ -277,9 +276,10 @@ class NbdClient:
                 elif magic == P.STRUCTURED_REPLY_MAGIC:
                     rest = await self.reader.readexactly(P.CHUNK_HEADER.size - 4)
                     _m, flags, ctype, handle, length = P.CHUNK_HEADER.unpack(magic_raw + rest)
-                    pend = self._pending.get(handle)
-                    if pend is None:
+                    found = self._pending.get(handle)
+                    if found is None:
                         raise P.ProtocolError(f"reply for unknown handle {handle}")
+                    pend = found
                     if length > P.MAX_BUFFER_SIZE + 1024 * 1024:
                         raise P.ProtocolError(f"chunk too large ({length})")
                     payload = await self.reader.readexactly(length) if length else b""
@@ -440,9 +440,7 @@ async def negotiate(
             return info
         if rtype == P.REP_ERR_UNSUP:
             break  # old server: fall back to EXPORT_NAME
-        raise NbdConnectError(
-            _option_error_text(P.OPT_GO, rtype, data.decode("utf-8", "replace"))
-        )
+        raise NbdConnectError(_option_error_text(P.OPT_GO, rtype, data.decode("utf-8", "replace")))
     await _send_option(writer, P.OPT_EXPORT_NAME, name)
     try:
         raw = await reader.readexactly(10)

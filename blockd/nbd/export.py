@@ -102,7 +102,7 @@ class NbdExport(BlockUser):
         out = [P.CONTEXT_BASE_ALLOCATION]
         if self.allocation_depth:
             out.append(P.CONTEXT_ALLOCATION_DEPTH)
-        out.extend(P.CONTEXT_DIRTY_BITMAP_PREFIX + bm.name for bm in self.bitmaps)
+        out.extend(P.CONTEXT_DIRTY_BITMAP_PREFIX + str(bm.name) for bm in self.bitmaps)
         return out
 
     def info(self) -> dict[str, Any]:

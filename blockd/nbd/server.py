@@ -256,9 +256,7 @@ class NbdConnection:
         if 4 + namelen + 2 + 2 * nreq != len(data):
             self._error(opt, P.REP_ERR_INVALID, "bad length received")
             return None
-        requests = {
-            P.U16.unpack_from(data, 6 + namelen + 2 * i)[0] for i in range(nreq)
-        }
+        requests = {P.U16.unpack_from(data, 6 + namelen + 2 * i)[0] for i in range(nreq)}
         export = self._find_export(opt, name)
         if export is None:
             return None
@@ -379,8 +377,12 @@ class NbdConnection:
     async def _wait_budget(self, cost: int) -> None:
         """Wait until the request costing *cost* fits in the connection's budget (one request
         always fits)."""
-        while not self.closed and self._tasks and (
-            len(self._tasks) >= MAX_REQUESTS or self._inflight_bytes + cost > MAX_INFLIGHT_BYTES
+        while (
+            not self.closed
+            and self._tasks
+            and (
+                len(self._tasks) >= MAX_REQUESTS or self._inflight_bytes + cost > MAX_INFLIGHT_BYTES
+            )
         ):
             self._wakeup.clear()
             await self._wakeup.wait()
@@ -399,7 +401,8 @@ class NbdConnection:
         finally:
             self._inflight_bytes -= cost
             task = asyncio.current_task()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            if task is not None:
+                self._tasks.discard(task)
             self._wakeup.set()
 
     def _simple_or_error(self, req: P.Request, err: int, msg: str = "") -> None:
@@ -436,11 +439,12 @@ class NbdConnection:
         if req.offset > export.size or req.length > export.size - req.offset:
             err = P.NBD_ENOSPC if req.type in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.NBD_EINVAL
             return err, (
-                f"operation past EOF; From: {req.offset}, Len: {req.length}, "
-                f"Size: {export.size}"
+                f"operation past EOF; From: {req.offset}, Len: {req.length}, Size: {export.size}"
             )
-        if self.check_align and req.type != P.CMD_FLUSH and (
-            req.offset % self.check_align or req.length % self.check_align
+        if (
+            self.check_align
+            and req.type != P.CMD_FLUSH
+            and (req.offset % self.check_align or req.length % self.check_align)
         ):
             return P.NBD_EINVAL, "request not aligned to the minimum block size"
         return 0, ""

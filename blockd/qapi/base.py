@@ -205,7 +205,9 @@ def qapi_error_text(exc: ValidationError, data: Any, prefix: str = "") -> str:
     loc = tuple(err["loc"])
     typ = err["type"]
     ctx = err.get("ctx") or {}
-    full = lambda p: prefix + p if not prefix or not p else f"{prefix}.{p}"
+
+    def full(p: str) -> str:
+        return prefix + p if not prefix or not p else f"{prefix}.{p}"
 
     if typ == "missing":
         return f"Parameter '{full(_path_of(loc, data, keep_last=True))}' is missing"

@@ -7,7 +7,7 @@ driver learns the truth.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from pydantic import Field
 
@@ -274,16 +274,21 @@ class FdSocketAddressFlat(SocketAddressBase, String):
     type: Literal[NetworkAddressFamily.FD]
 
 
-SocketAddress = flat_union(
-    "SocketAddress",
-    "type",
-    {
-        "inet": InetSocketAddressFlat,
-        "unix": UnixSocketAddressFlat,
-        "vsock": VsockSocketAddressFlat,
-        "fd": FdSocketAddressFlat,
-    },
-)
+if TYPE_CHECKING:
+    SocketAddress: TypeAlias = (
+        InetSocketAddressFlat | UnixSocketAddressFlat | VsockSocketAddressFlat | FdSocketAddressFlat
+    )
+else:
+    SocketAddress = flat_union(
+        "SocketAddress",
+        "type",
+        {
+            "inet": InetSocketAddressFlat,
+            "unix": UnixSocketAddressFlat,
+            "vsock": VsockSocketAddressFlat,
+            "fd": FdSocketAddressFlat,
+        },
+    )
 
 
 class BlockdevOptionsNbd(BlockdevOptionsBase):
@@ -297,22 +302,34 @@ class BlockdevOptionsNbd(BlockdevOptionsBase):
     open_timeout: UInt32 | None = None
 
 
-BlockdevOptions = flat_union(
-    "BlockdevOptions",
-    "driver",
-    {
-        "blkdebug": BlockdevOptionsBlkdebug,
-        "file": BlockdevOptionsFile,
-        "nbd": BlockdevOptionsNbd,
-        "null-co": BlockdevOptionsNull,
-        "qcow2": BlockdevOptionsQcow2,
-        "raw": BlockdevOptionsRaw,
-    },
-)
-BlockdevRef = alternate("BlockdevRef", {"object": BlockdevOptions, "string": str})
-BlockdevRefOrNull = alternate(
-    "BlockdevRefOrNull", {"object": BlockdevOptions, "string": str, "null": None}
-)
+if TYPE_CHECKING:
+    BlockdevOptions: TypeAlias = (
+        BlockdevOptionsBlkdebug
+        | BlockdevOptionsFile
+        | BlockdevOptionsNbd
+        | BlockdevOptionsNull
+        | BlockdevOptionsQcow2
+        | BlockdevOptionsRaw
+    )
+    BlockdevRef: TypeAlias = BlockdevOptions | str
+    BlockdevRefOrNull: TypeAlias = BlockdevOptions | str | None
+else:
+    BlockdevOptions = flat_union(
+        "BlockdevOptions",
+        "driver",
+        {
+            "blkdebug": BlockdevOptionsBlkdebug,
+            "file": BlockdevOptionsFile,
+            "nbd": BlockdevOptionsNbd,
+            "null-co": BlockdevOptionsNull,
+            "qcow2": BlockdevOptionsQcow2,
+            "raw": BlockdevOptionsRaw,
+        },
+    )
+    BlockdevRef = alternate("BlockdevRef", {"object": BlockdevOptions, "string": str})
+    BlockdevRefOrNull = alternate(
+        "BlockdevRefOrNull", {"object": BlockdevOptions, "string": str, "null": None}
+    )
 
 for _m in (BlockdevOptionsRaw, BlockdevOptionsBlkdebug, BlockdevOptionsQcow2):
     _m.model_rebuild()

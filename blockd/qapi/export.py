@@ -8,7 +8,7 @@ while the nbd block driver takes the flat ``SocketAddress``: both shapes are on 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from pydantic import field_validator
 
@@ -47,16 +47,24 @@ class StringWrapper(SocketAddressLegacyBase):
     data: String
 
 
-SocketAddressLegacy = flat_union(
-    "SocketAddressLegacy",
-    "type",
-    {
-        "inet": InetSocketAddressWrapper,
-        "unix": UnixSocketAddressWrapper,
-        "vsock": VsockSocketAddressWrapper,
-        "fd": StringWrapper,
-    },
-)
+if TYPE_CHECKING:
+    SocketAddressLegacy: TypeAlias = (
+        InetSocketAddressWrapper
+        | UnixSocketAddressWrapper
+        | VsockSocketAddressWrapper
+        | StringWrapper
+    )
+else:
+    SocketAddressLegacy = flat_union(
+        "SocketAddressLegacy",
+        "type",
+        {
+            "inet": InetSocketAddressWrapper,
+            "unix": UnixSocketAddressWrapper,
+            "vsock": VsockSocketAddressWrapper,
+            "fd": StringWrapper,
+        },
+    )
 
 
 # -- commands ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from blockd.qapi.backup import BlockdevBackup, DriveBackup
 from blockd.qapi.base import QapiEnum, QapiModel, flat_union
@@ -112,7 +112,13 @@ ACTION_MODELS: dict[str, type[QapiModel]] = {
     K.DRIVE_BACKUP.value: DriveBackupWrapper,
 }
 
-TransactionAction = flat_union("TransactionAction", "type", ACTION_MODELS)
+if TYPE_CHECKING:
+    # What every branch has; the runtime union picks the branch by "type".
+    class TransactionAction(QapiModel):
+        type: TransactionActionKind
+        data: Any
+else:
+    TransactionAction = flat_union("TransactionAction", "type", ACTION_MODELS)
 
 
 class TransactionProperties(QapiModel):
@@ -120,5 +126,5 @@ class TransactionProperties(QapiModel):
 
 
 class TransactionArgs(QapiModel):
-    actions: list[TransactionAction]  # type: ignore[valid-type]
+    actions: list[TransactionAction]
     properties: TransactionProperties | None = None

@@ -133,7 +133,7 @@ class JsonStreamer:
                 yield from self._error(f"JSON parse error, stray '{_show(bytes([ch]))}'")
                 continue
             end = m.end()
-            kind = m.lastgroup
+            kind = m.lastgroup or ""
             if kind in ("n", "k") and end >= n and not eof:
                 # A number or keyword may go on in the next chunk.
                 self._pos = pos

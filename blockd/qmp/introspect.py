@@ -106,8 +106,8 @@ class _Builder:
         return name
 
     def _members(
-        self, model: type[BaseModel], skip: set[str] = frozenset()
-    ) -> list[dict[str, Any]]:  # type: ignore[assignment]
+        self, model: type[BaseModel], skip: frozenset[str] = frozenset()
+    ) -> list[dict[str, Any]]:
         out = []
         for fname, field in model.model_fields.items():
             wire = field.alias or fname
@@ -163,7 +163,7 @@ class _Builder:
         base_names = {m["name"] for m in entity["members"]}
         variants = []
         for case, model in branches.items():
-            rest = self._members(model, skip=base_names)
+            rest = self._members(model, skip=frozenset(base_names))
             if not rest:
                 vtype = self.empty
             else:

@@ -38,7 +38,8 @@ Handler = Callable[[Context, Any], Awaitable[Any]]
 class Command:
     name: str
     handler: Handler
-    args: type[QapiModel]
+    #: A model class, or a flat union (``blockdev-add`` takes ``BlockdevOptions`` itself).
+    args: Any
     returns: Any
     features: tuple[str, ...] = ()
     #: Allowed before capabilities negotiation (only qmp_capabilities).
@@ -61,7 +62,7 @@ EVENTS: dict[str, Event] = {}
 
 def command(
     name: str,
-    args: type[QapiModel] = NoArgs,
+    args: Any = NoArgs,
     returns: Any = None,
     features: tuple[str, ...] = (),
 ) -> Callable[[Handler], Handler]:

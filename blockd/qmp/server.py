@@ -69,7 +69,7 @@ class QmpServer:
         log.info("qmp#%d connected", session.num)
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)  # type: ignore[arg-type]
+            self._tasks.add(task)
         try:
             await session.run()
         except asyncio.CancelledError:
@@ -79,7 +79,7 @@ class QmpServer:
         finally:
             self.sessions.discard(session)
             if task is not None:
-                self._tasks.discard(task)  # type: ignore[arg-type]
+                self._tasks.discard(task)
             log.info("qmp#%d disconnected", session.num)
 
     def broadcast(self, name: str, data: dict[str, Any]) -> None:

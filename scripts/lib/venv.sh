@@ -42,5 +42,10 @@ ensure_venv() {
     echo "blockd: installing the project into $VENV" >&2
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT$extras" >&2
     # Keep a test-enabled stamp valid for plain runs too.
-    { echo "$want"; [ -n "$extras" ] && echo "${want%"$extras"}"; } > "$stamp"
+    # (An if, not `[ ] && ...`: under set -e a false test as the group's last command would
+    # end the calling script with status 1 on the very first run.)
+    {
+        echo "$want"
+        if [ -n "$extras" ]; then echo "${want%"$extras"}"; fi
+    } > "$stamp"
 }

@@ -49,8 +49,6 @@ def _backup(s: Session, job: str, device: str, target: str, sync: str, **extra: 
     s.wait_job(job, "null")
 
 
-
-
 def _same_events(res: dict[str, Any], exact_replies: bool = True) -> None:
     """Same events in the same order; with *exact_replies* also at the same places relative
     to the command replies."""

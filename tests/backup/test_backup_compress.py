@@ -45,12 +45,9 @@ def _source(path: Path, seed: int = 7) -> None:
 
 
 def _qcow2(path: Path, compat: str, cluster: int, size: int = SIZE) -> None:
-    qemu_img("create", "-f", "qcow2", "-o", f"compat={compat},cluster_size={cluster}", path,
-             str(size))
-
-
-
-
+    qemu_img(
+        "create", "-f", "qcow2", "-o", f"compat={compat},cluster_size={cluster}", path, str(size)
+    )
 
 
 def _check(path: Path) -> dict[str, Any]:
@@ -77,19 +74,34 @@ def test_backup_compress_like_qsd(tmp_path: Path, compat: str, cluster: int) -> 
         s.ok("blockdev-add", raw_node("raw", d / "tgt.raw"))
         s.ok("blockdev-add", qcow2_node("q", d / "tgt.qcow2"))
         errors = [
-            s.err("blockdev-backup", {"job-id": "r", "device": "src", "target": "raw",
-                                      "sync": "full", "compress": True}),
-            s.err("drive-backup", {"job-id": "r", "device": "src",
-                                   "target": str(d / "tgt.raw"), "format": "raw",
-                                   "mode": "existing", "sync": "full", "compress": True}),
+            s.err(
+                "blockdev-backup",
+                {"job-id": "r", "device": "src", "target": "raw", "sync": "full", "compress": True},
+            ),
+            s.err(
+                "drive-backup",
+                {
+                    "job-id": "r",
+                    "device": "src",
+                    "target": str(d / "tgt.raw"),
+                    "format": "raw",
+                    "mode": "existing",
+                    "sync": "full",
+                    "compress": True,
+                },
+            ),
         ]
-        s.ok("blockdev-backup", {"job-id": "j", "device": "src", "target": "q",
-                                 "sync": "full", "compress": True})
+        s.ok(
+            "blockdev-backup",
+            {"job-id": "j", "device": "src", "target": "q", "sync": "full", "compress": True},
+        )
         s.wait_job("j", "null")
         # A second compressed backup meets clusters that are allocated now: QEMU 7.2 cannot
         # put compressed data there and fails with EIO.
-        s.ok("blockdev-backup", {"job-id": "k", "device": "src", "target": "q",
-                                 "sync": "full", "compress": True})
+        s.ok(
+            "blockdev-backup",
+            {"job-id": "k", "device": "src", "target": "q", "sync": "full", "compress": True},
+        )
         s.wait_job("k", "null")
         return {
             "errors": errors,
@@ -113,8 +125,9 @@ def test_backup_compress_like_qsd(tmp_path: Path, compat: str, cluster: int) -> 
     assert checks["blockd"]["compressed-clusters"] > 0
     for key in ("compressed-clusters", "allocated-clusters", "total-clusters"):
         assert checks["blockd"][key] == checks["qsd"][key], key
-    assert compare(tmp_path / "blockd" / "tgt.qcow2", tmp_path / "qsd" / "tgt.qcow2",
-                   "qcow2", "qcow2")
+    assert compare(
+        tmp_path / "blockd" / "tgt.qcow2", tmp_path / "qsd" / "tgt.qcow2", "qcow2", "qcow2"
+    )
 
 
 @needs_nbd
@@ -140,8 +153,10 @@ def test_normal_writes_over_compressed_target(tmp_path: Path, compat: str, clust
     try:
         s.ok("blockdev-add", raw_node("src", src))
         s.ok("blockdev-add", qcow2_node("q", tgt))
-        s.ok("blockdev-backup", {"job-id": "j", "device": "src", "target": "q",
-                                 "sync": "full", "compress": True})
+        s.ok(
+            "blockdev-backup",
+            {"job-id": "j", "device": "src", "target": "q", "sync": "full", "compress": True},
+        )
         s.wait_job("j", "null")
         assert "error" not in completed(s, "j")
         s.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd_sock)}}})
@@ -183,10 +198,20 @@ def test_compressed_backup_is_point_in_time(tmp_path: Path) -> None:
             _qcow2(tgt, "1.1", 65536)
             s.ok("blockdev-add", raw_node("src", src))
             s.ok("blockdev-add", qcow2_node("q", tgt))
-            s.ok("block-export-add",
-                 {"type": "nbd", "id": "e", "node-name": "src", "writable": True})
-            s.ok("blockdev-backup", {"job-id": "j", "device": "src", "target": "q",
-                                     "sync": "full", "compress": True, "speed": 2 * MiB})
+            s.ok(
+                "block-export-add", {"type": "nbd", "id": "e", "node-name": "src", "writable": True}
+            )
+            s.ok(
+                "blockdev-backup",
+                {
+                    "job-id": "j",
+                    "device": "src",
+                    "target": "q",
+                    "sync": "full",
+                    "compress": True,
+                    "speed": 2 * MiB,
+                },
+            )
             cmds: list[str] = []
             for _ in range(8):
                 off = rng.randrange(0, SIZE - 300_000)
@@ -194,7 +219,9 @@ def test_compressed_backup_is_point_in_time(tmp_path: Path) -> None:
                 cmds += ["-c", f"sleep {rng.randint(0, 20)}"]
             res = subprocess.run(
                 ["qemu-io", "-f", "raw", *cmds, f"nbd+unix:///src?socket={nbd_sock}"],
-                capture_output=True, text=True, timeout=60,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             assert res.returncode == 0 and "error" not in res.stdout.lower(), res.stdout
             s.ok("block-job-set-speed", {"device": "j", "speed": 0})

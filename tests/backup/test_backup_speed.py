@@ -92,4 +92,3 @@ def test_copy_before_write_counts_against_the_speed(tmp_path: Path) -> None:
         return res
 
     _check_timed(run_both(tmp_path, build, scenario), "the target is not the image at the start")
-

@@ -383,9 +383,7 @@ async def workflow(q: Client, d: Path) -> dict[str, Any]:
     nodes = sorted(n["node-name"] for n in await q.execute("query-named-block-nodes"))
     res["nodes"] = [n for n in nodes if not n.startswith("#")]
     await q.execute("blockdev-del", {"node-name": "src"})
-    res["maps"] = {
-        name: _chain_map(d / f"{name}.qcow2") for name in ("full", "inc0", "inc1")
-    }
+    res["maps"] = {name: _chain_map(d / f"{name}.qcow2") for name in ("full", "inc0", "inc1")}
     res["events"] = [{k: v for k, v in e.items() if k != "timestamp"} for e in q.events]
     assert all("timestamp" in e for e in q.events)
     for snap in (snap0, snap1, snap2):
@@ -403,9 +401,10 @@ def _check(results: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> None:
     assert [d["len"] for d in b["done"]] == [SIZE, b["counts"][1], b["counts"][3]]
     for key in ("counts", "bitmaps", "done", "nodes", "maps", "bitmaps_before"):
         assert b[key] == q[key], f"{key}: blockd {b[key]}\n   qsd {q[key]}"
-    assert b["events"] == q["events"], "\n".join(
-        f"{x}\n  {y}" for x, y in zip(b["events"], q["events"], strict=False) if x != y
-    ) or f"blockd {len(b['events'])} events, qsd {len(q['events'])}"
+    assert b["events"] == q["events"], (
+        "\n".join(f"{x}\n  {y}" for x, y in zip(b["events"], q["events"], strict=False) if x != y)
+        or f"blockd {len(b['events'])} events, qsd {len(q['events'])}"
+    )
     names = [e["event"] for e in b["events"]]
     assert names.count("BLOCK_JOB_COMPLETED") == 3 and "BLOCK_JOB_ERROR" not in names
     for name in ("full", "inc0", "inc1"):

@@ -28,24 +28,40 @@ def _setup(tmp_path: Path, rules: list[dict[str, object]]) -> tuple[Session, obj
     s.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
     s.ok("block-export-add", {"type": "nbd", "id": "e", "node-name": "src", "writable": True})
     # Barely moving, so every guest write below meets clusters not yet copied.
-    s.ok("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
-                             "speed": 1})
+    s.ok(
+        "blockdev-backup",
+        {"job-id": "j", "device": "src", "target": "tgt", "sync": "full", "speed": 1},
+    )
     return s, daemon, sock, snap
 
 
 def _write(sock: Path, off: int, n: int, pattern: int = 0x22) -> str:
-    res = qemu_io("-f", "raw", "-c", f"write -P {pattern} {off} {n}",
-                  f"nbd+unix:///src?socket={sock}", check=False)
+    res = qemu_io(
+        "-f",
+        "raw",
+        "-c",
+        f"write -P {pattern} {off} {n}",
+        f"nbd+unix:///src?socket={sock}",
+        check=False,
+    )
     return res.stdout + res.stderr
 
 
 def test_failure_ahead_of_a_sequential_write_does_not_fail_it(tmp_path: Path) -> None:
     # 4 MiB + 512 KiB: inside what the second write's copy reaches ahead to, outside it.
     bad = 4 * MiB + 512 * 1024
-    s, daemon, sock, snap = _setup(tmp_path, [
-        {"event": "write_aio", "iotype": "write", "errno": 5, "sector": bad // 512,
-         "once": True},
-    ])
+    s, daemon, sock, snap = _setup(
+        tmp_path,
+        [
+            {
+                "event": "write_aio",
+                "iotype": "write",
+                "errno": 5,
+                "sector": bad // 512,
+                "once": True,
+            },
+        ],
+    )
     try:
         assert "error" not in _write(sock, 4 * MiB - 64 * 1024, 64 * 1024).lower()
         out = _write(sock, 4 * MiB, 64 * 1024)  # sequential: its copy reaches ahead
@@ -64,10 +80,18 @@ def test_failure_ahead_of_a_sequential_write_does_not_fail_it(tmp_path: Path) ->
 
 def test_failure_in_the_writes_own_clusters_fails_it(tmp_path: Path) -> None:
     own = 2 * MiB
-    s, daemon, sock, snap = _setup(tmp_path, [
-        {"event": "write_aio", "iotype": "write", "errno": 5, "sector": own // 512,
-         "once": True},
-    ])
+    s, daemon, sock, snap = _setup(
+        tmp_path,
+        [
+            {
+                "event": "write_aio",
+                "iotype": "write",
+                "errno": 5,
+                "sector": own // 512,
+                "once": True,
+            },
+        ],
+    )
     try:
         out = _write(sock, own, 64 * 1024)
         assert "error" in out.lower() or "failed" in out.lower(), out

@@ -18,8 +18,6 @@ from support import Daemon, check_image, needs_qsd, qemu_img, qemu_io
 SIZE = 64 * MiB
 
 
-
-
 def info(path: Path) -> dict[str, Any]:
     out = qemu_img("info", "-U", "--output=json", path).stdout
     return json.loads(out)
@@ -28,8 +26,6 @@ def info(path: Path) -> dict[str, Any]:
 def image_bitmaps(path: Path) -> dict[str, dict[str, Any]]:
     data = info(path)["format-specific"]["data"]
     return {b["name"]: b for b in data.get("bitmaps", [])}
-
-
 
 
 def export(s: Session, d: Path, node: str) -> Path:
@@ -73,8 +69,10 @@ def test_round_trip_through_qemu_img_qsd_and_restart(tmp_path: Path, img: Path) 
     qsd = start("qsd", tmp_path)
     s = Session(qsd.sock)
     s.ok("blockdev-add", qcow2_node("d", img))
-    s.ok("block-dirty-bitmap-add", {"node": "d", "name": "from-qsd", "persistent": True,
-                                    "granularity": 4096})
+    s.ok(
+        "block-dirty-bitmap-add",
+        {"node": "d", "name": "from-qsd", "persistent": True, "granularity": 4096},
+    )
     sock = export(s, tmp_path, "d")
     qsd_writes = [(0, 4096), (5 * MiB + 17, 70000), (SIZE - 512, 512)]
     nbd_writes(sock, qsd_writes)
@@ -98,8 +96,10 @@ def test_round_trip_through_qemu_img_qsd_and_restart(tmp_path: Path, img: Path) 
     assert {x["name"] for x in shown} == {"from-img", "from-qsd"}
     # New ones, one disabled, more writes; then a clean close stores everything.
     s.ok("block-dirty-bitmap-add", {"node": "d", "name": "mine", "persistent": True})
-    s.ok("block-dirty-bitmap-add", {"node": "d", "name": "frozen", "persistent": True,
-                                    "granularity": 512})
+    s.ok(
+        "block-dirty-bitmap-add",
+        {"node": "d", "name": "frozen", "persistent": True, "granularity": 512},
+    )
     s.ok("block-dirty-bitmap-add", {"node": "d", "name": "volatile"})
     sock = export(s, tmp_path, "d")
     nbd_writes(sock, [(1 * MiB, 3 * MiB), (40 * MiB + 1, 1)])
@@ -286,8 +286,9 @@ def test_kill_9_at_random_moments_never_leaves_wrong_bitmaps(tmp_path: Path, img
         res = check_image(img)
         assert not res.get("corruptions") and not res.get("check-errors"), (run, res)
         bms = image_bitmaps(img)
-        outcomes["absent" if "k" not in bms else "in-use" if "in-use" in bms["k"]["flags"]
-                 else "stored"] += 1
+        outcomes[
+            "absent" if "k" not in bms else "in-use" if "in-use" in bms["k"]["flags"] else "stored"
+        ] += 1
         if "k" in bms and "in-use" not in bms["k"]["flags"]:
             # Stored: it must hold exactly what was written.
             d = start("blockd", tmp_path)
@@ -311,13 +312,19 @@ def test_failed_store_is_an_error_and_keeps_node_and_bitmap(tmp_path: Path, img:
     keep the node (and the bitmap with its bits) instead of closing with them lost."""
     b = start("blockd", tmp_path)
     s = Session(b.sock)
-    s.ok("blockdev-add", {
-        "driver": "qcow2", "node-name": "d",
-        "file": {"driver": "blkdebug", "node-name": "dbg",
-                 "inject-error": [{"event": "none", "iotype": "flush", "errno": 5,
-                                   "once": False}],
-                 "image": {"driver": "file", "filename": str(img)}},
-    })
+    s.ok(
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "d",
+            "file": {
+                "driver": "blkdebug",
+                "node-name": "dbg",
+                "inject-error": [{"event": "none", "iotype": "flush", "errno": 5, "once": False}],
+                "image": {"driver": "file", "filename": str(img)},
+            },
+        },
+    )
     s.ok("block-dirty-bitmap-add", {"node": "d", "name": "p", "persistent": True})
     err = s.err("blockdev-del", {"node-name": "d"})
     assert err.startswith("Failed to update bitmap extension"), err

@@ -84,7 +84,9 @@ class RawNbd:
     def info_payload(name: str, requests: tuple[int, ...] = ()) -> bytes:
         n = name.encode()
         return (
-            struct.pack(">I", len(n)) + n + struct.pack(">H", len(requests))
+            struct.pack(">I", len(n))
+            + n
+            + struct.pack(">H", len(requests))
             + b"".join(struct.pack(">H", r) for r in requests)
         )
 
@@ -116,8 +118,15 @@ class RawNbd:
         return reps
 
     # -- transmission ------------------------------------------------------------------------
-    def send(self, rtype: int, offset: int, length: int, flags: int = 0, handle: int = 1,
-             payload: bytes = b"") -> None:
+    def send(
+        self,
+        rtype: int,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        handle: int = 1,
+        payload: bytes = b"",
+    ) -> None:
         self.sock.sendall(
             P.REQUEST.pack(P.REQUEST_MAGIC, flags, rtype, handle, offset, length) + payload
         )
@@ -143,8 +152,9 @@ class RawNbd:
             (magic,) = struct.unpack(">I", recvall(self.sock, 4))
             assert magic == P.STRUCTURED_REPLY_MAGIC
 
-    def request(self, rtype: int, offset: int, length: int, flags: int = 0,
-                payload: bytes = b"") -> dict[str, Any]:
+    def request(
+        self, rtype: int, offset: int, length: int, flags: int = 0, payload: bytes = b""
+    ) -> dict[str, Any]:
         self.send(rtype, offset, length, flags, 7, payload)
         return self.reply(length if rtype == P.CMD_READ else 0)
 
@@ -187,8 +197,9 @@ class Qmp(RawQmp):
         assert "return" in r, (execute, arguments, r)
         return r
 
-    def transcript(self, execute: str, arguments: dict[str, Any] | None = None
-                   ) -> list[dict[str, Any]]:
+    def transcript(
+        self, execute: str, arguments: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         """The events that arrive before the reply, then the reply (timestamps dropped)."""
         first = len(self.events)
         r = self.cmd(execute, arguments)
@@ -237,8 +248,10 @@ def _strip(msg: dict[str, Any]) -> dict[str, Any]:
 
 @contextmanager
 def daemon(tmp: Path, kind: str, *extra: str) -> Iterator[tuple[Daemon, Qmp]]:
-    d = start_blockd(tmp, *extra, name=f"{kind}-blockd") if kind == "blockd" else start_qsd(
-        tmp, *extra, name=f"{kind}-qsd"
+    d = (
+        start_blockd(tmp, *extra, name=f"{kind}-blockd")
+        if kind == "blockd"
+        else start_qsd(tmp, *extra, name=f"{kind}-qsd")
     )
     q = Qmp(d.sock)
     try:
@@ -252,8 +265,10 @@ def daemon(tmp: Path, kind: str, *extra: str) -> Iterator[tuple[Daemon, Qmp]]:
 
 def add_raw(q: Qmp, node: str, image: Path) -> None:
     """``blockdev-add`` a raw node *node* over the file *image*."""
-    q.run("blockdev-add", {"driver": "raw", "node-name": node,
-                           "file": {"driver": "file", "filename": str(image)}})
+    q.run(
+        "blockdev-add",
+        {"driver": "raw", "node-name": node, "file": {"driver": "file", "filename": str(image)}},
+    )
 
 
 def make_raw(path: Path, size: int = 64 * 1024 * 1024, seed: int = 1) -> Path:
@@ -279,8 +294,11 @@ def map_of(target: str, fmt: str = "raw") -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for e in entries:
         item = {"start": e["start"], "length": e["length"], "data": e["data"], "zero": e["zero"]}
-        if out and out[-1]["data"] == item["data"] and out[-1]["zero"] == item["zero"] and (
-            out[-1]["start"] + out[-1]["length"] == item["start"]
+        if (
+            out
+            and out[-1]["data"] == item["data"]
+            and out[-1]["zero"] == item["zero"]
+            and (out[-1]["start"] + out[-1]["length"] == item["start"])
         ):
             out[-1]["length"] += item["length"]
         else:

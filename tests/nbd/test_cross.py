@@ -17,26 +17,47 @@ from blockd.block.drivers.nbd import parse_nbd_uri
 
 def _export(q: Qmp, node: str, sock: Path, name: str) -> str:
     q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
-    q.run("block-export-add", {"type": "nbd", "id": name, "node-name": node, "name": name,
-                               "writable": True})
+    q.run(
+        "block-export-add",
+        {"type": "nbd", "id": name, "node-name": node, "name": name, "writable": True},
+    )
     return uri(sock, name)
 
 
 def _exercise(front: str, image: Path) -> None:
     """Write through *front*, read back through it, then check the file itself."""
     qemu_io(
-        "-f", "raw",
-        "-c", "write -P 0x61 0 1M",
-        "-c", "write -P 0x62 3M 64k",
-        "-c", "write -z 3M 4k",
-        "-c", "read -P 0x61 0 1M",
-        "-c", "read -P 0 3M 4k",
-        "-c", "read -P 0x62 3076k 60k",
-        "-c", "flush",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x61 0 1M",
+        "-c",
+        "write -P 0x62 3M 64k",
+        "-c",
+        "write -z 3M 4k",
+        "-c",
+        "read -P 0x61 0 1M",
+        "-c",
+        "read -P 0 3M 4k",
+        "-c",
+        "read -P 0x62 3076k 60k",
+        "-c",
+        "flush",
         front,
     )
-    qemu_io("-U", "-r", "-f", "raw", "-c", "read -P 0x61 0 1M", "-c", "read -P 0 3M 4k",
-            "-c", "read -P 0x62 3076k 60k", image)
+    qemu_io(
+        "-U",
+        "-r",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x61 0 1M",
+        "-c",
+        "read -P 0 3M 4k",
+        "-c",
+        "read -P 0x62 3076k 60k",
+        image,
+    )
 
 
 @needs_qsd
@@ -46,9 +67,15 @@ def test_blockd_client_on_qsd_export(tmp_path: Path) -> None:
     with daemon(tmp_path, "qsd") as (_qd, qq), daemon(tmp_path, "blockd") as (_bd, bq):
         add_raw(qq, "disk", image)
         _export(qq, "disk", qsd_sock, "disk")
-        bq.run("blockdev-add", {"driver": "nbd", "node-name": "remote",
-                                "server": {"type": "unix", "path": str(qsd_sock)},
-                                "export": "disk"})
+        bq.run(
+            "blockdev-add",
+            {
+                "driver": "nbd",
+                "node-name": "remote",
+                "server": {"type": "unix", "path": str(qsd_sock)},
+                "export": "disk",
+            },
+        )
         nodes = bq.run("query-named-block-nodes")["return"]
         assert nodes[0]["file"] == f"nbd+unix:///disk?socket={qsd_sock}"
         assert nodes[0]["image"]["virtual-size"] == 16 << 20
@@ -64,16 +91,34 @@ def test_blockd_client_on_qemu_nbd(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "n.raw", 16 << 20)
     sock = tmp_path / "qemu-nbd.sock"
     proc = subprocess.Popen(
-        ["qemu-nbd", "-f", "raw", "-x", "disk", "-k", str(sock), "--shared=4", "--persistent",
-         "--cache=writeback", str(image)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "qemu-nbd",
+            "-f",
+            "raw",
+            "-x",
+            "disk",
+            "-k",
+            str(sock),
+            "--shared=4",
+            "--persistent",
+            "--cache=writeback",
+            str(image),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_path(sock)
         with daemon(tmp_path, "blockd") as (_bd, bq):
-            bq.run("blockdev-add", {"driver": "nbd", "node-name": "remote",
-                                    "server": {"type": "unix", "path": str(sock)},
-                                    "export": "disk"})
+            bq.run(
+                "blockdev-add",
+                {
+                    "driver": "nbd",
+                    "node-name": "remote",
+                    "server": {"type": "unix", "path": str(sock)},
+                    "export": "disk",
+                },
+            )
             front = _export(bq, "remote", tmp_path / "b.sock", "front")
             assert map_of(front) == map_of(str(image))
             _exercise(front, image)
@@ -89,9 +134,15 @@ def test_qsd_client_on_blockd_export(tmp_path: Path) -> None:
     with daemon(tmp_path, "blockd") as (_bd, bq), daemon(tmp_path, "qsd") as (_qd, qq):
         add_raw(bq, "disk", image)
         _export(bq, "disk", bsock, "disk")
-        qq.run("blockdev-add", {"driver": "nbd", "node-name": "remote",
-                                "server": {"type": "unix", "path": str(bsock)},
-                                "export": "disk"})
+        qq.run(
+            "blockdev-add",
+            {
+                "driver": "nbd",
+                "node-name": "remote",
+                "server": {"type": "unix", "path": str(bsock)},
+                "export": "disk",
+            },
+        )
         front = _export(qq, "remote", tmp_path / "q.sock", "front")
         assert map_of(front) == map_of(str(image))
         _exercise(front, image)
@@ -106,10 +157,19 @@ def test_client_on_own_export_no_deadlock(tmp_path: Path) -> None:
     with daemon(tmp_path, "blockd") as (_bd, q):
         add_raw(q, "disk", image)
         _export(q, "disk", sock, "disk")
-        q.run("blockdev-add", {"driver": "nbd", "node-name": "loop",
-                               "server": {"type": "unix", "path": str(sock)}, "export": "disk"})
-        q.run("block-export-add", {"type": "nbd", "id": "front", "node-name": "loop",
-                                   "writable": True})
+        q.run(
+            "blockdev-add",
+            {
+                "driver": "nbd",
+                "node-name": "loop",
+                "server": {"type": "unix", "path": str(sock)},
+                "export": "disk",
+            },
+        )
+        q.run(
+            "block-export-add",
+            {"type": "nbd", "id": "front", "node-name": "loop", "writable": True},
+        )
         front = uri(sock, "loop")
         _exercise(front, image)
         # The monitor stays responsive throughout.
@@ -130,12 +190,18 @@ def test_client_errors(tmp_path: Path) -> None:
         add_raw(q, "disk", image)
         _export(q, "disk", sock, "disk")
         cases = [
-            ({"type": "unix", "path": str(tmp_path / "none.sock")}, "disk",
-             f"Failed to connect to '{tmp_path / 'none.sock'}': No such file or directory"),
+            (
+                {"type": "unix", "path": str(tmp_path / "none.sock")},
+                "disk",
+                f"Failed to connect to '{tmp_path / 'none.sock'}': No such file or directory",
+            ),
             ({"type": "unix", "path": str(sock)}, "wrong", "Requested export not available"),
             ({"type": "unix", "path": str(sock)}, None, "Requested export not available"),
-            ({"type": "inet", "host": "127.0.0.1", "port": "1"}, "disk",
-             "Failed to connect to '127.0.0.1:1': Connection refused"),
+            (
+                {"type": "inet", "host": "127.0.0.1", "port": "1"},
+                "disk",
+                "Failed to connect to '127.0.0.1:1': Connection refused",
+            ),
         ]
         for server, export, desc in cases:
             args = {"driver": "nbd", "node-name": "n", "server": server}
@@ -145,8 +211,14 @@ def test_client_errors(tmp_path: Path) -> None:
             assert r.get("error", {}).get("desc") == desc, r
         # open-timeout: retry until the server appears (meanwhile another monitor works).
         late = tmp_path / "late.sock"
-        args = {"driver": "nbd", "node-name": "late", "open-timeout": 5, "read-only": True,
-                "server": {"type": "unix", "path": str(late)}, "export": "disk"}
+        args = {
+            "driver": "nbd",
+            "node-name": "late",
+            "open-timeout": 5,
+            "read-only": True,
+            "server": {"type": "unix", "path": str(late)},
+            "export": "disk",
+        }
         q.send({"execute": "blockdev-add", "arguments": args, "id": "late"})
         time.sleep(0.5)
         other = Qmp(bd.sock)
@@ -157,12 +229,26 @@ def test_client_errors(tmp_path: Path) -> None:
         r = q.reply()
         assert r == {"return": {}, "id": "late"}, r
         # Image is read-only: a read-write client node is refused, auto-read-only falls back.
-        r = q.cmd("blockdev-add", {"driver": "nbd", "node-name": "rw",
-                                   "server": {"type": "unix", "path": str(late)},
-                                   "export": "disk"})
+        r = q.cmd(
+            "blockdev-add",
+            {
+                "driver": "nbd",
+                "node-name": "rw",
+                "server": {"type": "unix", "path": str(late)},
+                "export": "disk",
+            },
+        )
         assert r["error"]["desc"] == "Could not open image: Permission denied"
-        q.run("blockdev-add", {"driver": "nbd", "node-name": "auto", "auto-read-only": True,
-                               "server": {"type": "unix", "path": str(late)}, "export": "disk"})
+        q.run(
+            "blockdev-add",
+            {
+                "driver": "nbd",
+                "node-name": "auto",
+                "auto-read-only": True,
+                "server": {"type": "unix", "path": str(late)},
+                "export": "disk",
+            },
+        )
         ro = {n["node-name"]: n["ro"] for n in q.run("query-named-block-nodes")["return"]}
         assert ro["auto"] is True
 
@@ -175,9 +261,21 @@ def test_reconnect_delay(tmp_path: Path) -> None:
 
     def serve() -> subprocess.Popen[bytes]:
         p = subprocess.Popen(
-            ["qemu-nbd", "-f", "raw", "-x", "disk", "-k", str(sock), "--shared=4",
-             "--persistent", str(image)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "qemu-nbd",
+                "-f",
+                "raw",
+                "-x",
+                "disk",
+                "-k",
+                str(sock),
+                "--shared=4",
+                "--persistent",
+                str(image),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_path(sock)
         time.sleep(0.2)
         return p
@@ -185,9 +283,16 @@ def test_reconnect_delay(tmp_path: Path) -> None:
     try:
         proc = serve()
         with daemon(tmp_path, "blockd") as (_bd, q):
-            q.run("blockdev-add", {"driver": "nbd", "node-name": "remote", "reconnect-delay": 10,
-                                   "server": {"type": "unix", "path": str(sock)},
-                                   "export": "disk"})
+            q.run(
+                "blockdev-add",
+                {
+                    "driver": "nbd",
+                    "node-name": "remote",
+                    "reconnect-delay": 10,
+                    "server": {"type": "unix", "path": str(sock)},
+                    "export": "disk",
+                },
+            )
             front = _export(q, "remote", tmp_path / "b.sock", "front")
             qemu_io("-f", "raw", "-c", "write -P 7 0 64k", front)
             proc.terminate()
@@ -205,34 +310,63 @@ def test_reconnect_delay(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("target", "want"),
     [
-        ("nbd+unix:///exp?socket=/tmp/s.sock",
-         {"driver": "nbd", "server": {"type": "unix", "path": "/tmp/s.sock"}, "export": "exp"}),
-        ("nbd+unix://?socket=/tmp/s.sock",
-         {"driver": "nbd", "server": {"type": "unix", "path": "/tmp/s.sock"}}),
-        ("nbd://127.0.0.1:10810/disk%20a",
-         {"driver": "nbd", "server": {"type": "inet", "host": "127.0.0.1", "port": "10810"},
-          "export": "disk a"}),
-        ("nbd://localhost/disk",
-         {"driver": "nbd", "server": {"type": "inet", "host": "localhost", "port": "10809"},
-          "export": "disk"}),
-        ("nbd://[::1]:5000/x",
-         {"driver": "nbd", "server": {"type": "inet", "host": "::1", "port": "5000"},
-          "export": "x"}),
-        ("nbd:unix:/tmp/s.sock:exportname=exp",
-         {"driver": "nbd", "server": {"type": "unix", "path": "/tmp/s.sock"}, "export": "exp"}),
-        ("nbd:unix:/tmp/s.sock",
-         {"driver": "nbd", "server": {"type": "unix", "path": "/tmp/s.sock"}}),
-        ("nbd:10.0.0.1:10809:exportname=e",
-         {"driver": "nbd", "server": {"type": "inet", "host": "10.0.0.1", "port": "10809"},
-          "export": "e"}),
+        (
+            "nbd+unix:///exp?socket=/tmp/s.sock",
+            {"driver": "nbd", "server": {"type": "unix", "path": "/tmp/s.sock"}, "export": "exp"},
+        ),
+        (
+            "nbd+unix://?socket=/tmp/s.sock",
+            {"driver": "nbd", "server": {"type": "unix", "path": "/tmp/s.sock"}},
+        ),
+        (
+            "nbd://127.0.0.1:10810/disk%20a",
+            {
+                "driver": "nbd",
+                "server": {"type": "inet", "host": "127.0.0.1", "port": "10810"},
+                "export": "disk a",
+            },
+        ),
+        (
+            "nbd://localhost/disk",
+            {
+                "driver": "nbd",
+                "server": {"type": "inet", "host": "localhost", "port": "10809"},
+                "export": "disk",
+            },
+        ),
+        (
+            "nbd://[::1]:5000/x",
+            {
+                "driver": "nbd",
+                "server": {"type": "inet", "host": "::1", "port": "5000"},
+                "export": "x",
+            },
+        ),
+        (
+            "nbd:unix:/tmp/s.sock:exportname=exp",
+            {"driver": "nbd", "server": {"type": "unix", "path": "/tmp/s.sock"}, "export": "exp"},
+        ),
+        (
+            "nbd:unix:/tmp/s.sock",
+            {"driver": "nbd", "server": {"type": "unix", "path": "/tmp/s.sock"}},
+        ),
+        (
+            "nbd:10.0.0.1:10809:exportname=e",
+            {
+                "driver": "nbd",
+                "server": {"type": "inet", "host": "10.0.0.1", "port": "10809"},
+                "export": "e",
+            },
+        ),
     ],
 )
 def test_parse_nbd_uri(target: str, want: dict[str, object]) -> None:
     assert parse_nbd_uri(target) == want
 
 
-@pytest.mark.parametrize("bad", ["file:///x", "nbd+unix:///x", "nbd://", "nbd:host",
-                                 "nbd+unix://host/x?socket=/s"])
+@pytest.mark.parametrize(
+    "bad", ["file:///x", "nbd+unix:///x", "nbd://", "nbd:host", "nbd+unix://host/x?socket=/s"]
+)
 def test_parse_nbd_uri_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_nbd_uri(bad)

@@ -23,13 +23,26 @@ def _bitmap_map(q: Qmp, tmp: Path, tag: str, image: Path) -> tuple[str, str]:
     sock = tmp / f"{tag}.sock"
     q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
     q.run("block-dirty-bitmap-add", {"node": "src", "name": "b0"})
-    q.run("block-export-add", {"type": "nbd", "id": "w", "node-name": "src", "name": "w",
-                               "writable": True})
-    qemu_io("-f", "raw", "-c", "write -P 1 64k 64k", "-c", "write -P 2 1M 200k",
-            "-c", "write -z 3M 4k", uri(sock, "w"))
+    q.run(
+        "block-export-add",
+        {"type": "nbd", "id": "w", "node-name": "src", "name": "w", "writable": True},
+    )
+    qemu_io(
+        "-f",
+        "raw",
+        "-c",
+        "write -P 1 64k 64k",
+        "-c",
+        "write -P 2 1M 200k",
+        "-c",
+        "write -z 3M 4k",
+        uri(sock, "w"),
+    )
     q.run("block-dirty-bitmap-disable", {"node": "src", "name": "b0"})
-    q.run("block-export-add", {"type": "nbd", "id": "r", "node-name": "src", "name": "r",
-                               "bitmaps": ["b0"]})
+    q.run(
+        "block-export-add",
+        {"type": "nbd", "id": "r", "node-name": "src", "name": "r", "bitmaps": ["b0"]},
+    )
     out = run("nbdinfo", "--map=qemu:dirty-bitmap:b0", uri(sock, "r")).stdout
     busy = q.cmd("block-dirty-bitmap-remove", {"node": "src", "name": "b0"})
     return out, busy.get("error", {}).get("desc", "")
@@ -40,8 +53,10 @@ def test_dirty_bitmap_context_matches_qsd(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "bm.raw", 8 << 20)
     with daemon(tmp_path, "blockd") as (_d, q):
         if not has_command(q, "block-dirty-bitmap-add"):
-            pytest.skip("dirty bitmaps are not implemented in blockd yet "
-                        "(no block-dirty-bitmap-add): qemu:dirty-bitmap export untested")
+            pytest.skip(
+                "dirty bitmaps are not implemented in blockd yet "
+                "(no block-dirty-bitmap-add): qemu:dirty-bitmap export untested"
+            )
         got = _bitmap_map(q, tmp_path, "b", image)
     if not have_qsd:
         pytest.skip("qemu-storage-daemon missing: no reference map")
@@ -55,11 +70,21 @@ async def test_export_follows_node_replacement() -> None:
     """Snapshots and pivots move the export's edge; requests go to the new node."""
     graph = BlockGraph()
     v = ArgsValidator(BlockdevOptions)
-    old = await graph.add(v.validate({"driver": "null-co", "node-name": "old", "size": 1 << 20,
-                                      "read-zeroes": True}))
+    old = await graph.add(
+        v.validate({"driver": "null-co", "node-name": "old", "size": 1 << 20, "read-zeroes": True})
+    )
     new = await graph.add(v.validate({"driver": "null-co", "node-name": "new", "size": 1 << 20}))
-    exp = NbdExport("e", "e", old, description=None, writable=True, writethrough=False,
-                    bitmaps=[], allocation_depth=False, multi_conn=True)
+    exp = NbdExport(
+        "e",
+        "e",
+        old,
+        description=None,
+        writable=True,
+        writethrough=False,
+        bitmaps=[],
+        allocation_depth=False,
+        multi_conn=True,
+    )
     assert exp.info()["node-name"] == "old"
     graph.replace(old, new)
     assert exp.node is new and exp.info()["node-name"] == "new"
@@ -77,14 +102,28 @@ def test_snapshot_moves_export_if_supported(tmp_path: Path) -> None:
             pytest.skip("blockdev-snapshot-sync not in blockd yet")
         base = tmp_path / "base.qcow2"
         run("qemu-img", "create", "-f", "qcow2", str(base), "4M")
-        q.run("blockdev-add", {"driver": "qcow2", "node-name": "exported",
-                               "file": {"driver": "file", "filename": str(base)}})
+        q.run(
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": "exported",
+                "file": {"driver": "file", "filename": str(base)},
+            },
+        )
         sock = tmp_path / "s.sock"
         q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
-        q.run("block-export-add", {"type": "nbd", "id": "e0", "node-name": "exported",
-                                   "writable": True})
-        q.run("blockdev-snapshot-sync", {"node-name": "exported", "snapshot-node-name": "snap",
-                                         "snapshot-file": str(tmp_path / "snap.qcow2")})
+        q.run(
+            "block-export-add",
+            {"type": "nbd", "id": "e0", "node-name": "exported", "writable": True},
+        )
+        q.run(
+            "blockdev-snapshot-sync",
+            {
+                "node-name": "exported",
+                "snapshot-node-name": "snap",
+                "snapshot-file": str(tmp_path / "snap.qcow2"),
+            },
+        )
         assert q.run("query-block-exports")["return"][0]["node-name"] == "snap"
         qemu_io("-f", "raw", "-c", "write -P 9 0 64k", uri(sock, "exported"))
     qemu_io("-f", "qcow2", "-c", "read -P 9 0 64k", tmp_path / "snap.qcow2")
@@ -97,8 +136,7 @@ def test_daemon_exit_with_clients_connected(tmp_path: Path) -> None:
         add_raw(q, "src", image)
         sock = tmp_path / "x.sock"
         q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
-        q.run("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src",
-                                   "writable": True})
+        q.run("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src", "writable": True})
         clients = []
         for _ in range(3):
             c = RawNbd(str(sock))

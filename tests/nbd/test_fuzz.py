@@ -38,13 +38,27 @@ def _option(rnd: random.Random) -> bytes:
     name = rnd.choice([b"", b"src", b"nope", rnd.randbytes(rnd.randrange(0, 40))])
     if shape == 0:  # well-formed INFO/GO-shaped payload with random requests
         nreq = rnd.randrange(0, 6)
-        data = struct.pack(">I", len(name)) + name + struct.pack(">H", nreq) + b"".join(
-            struct.pack(">H", rnd.randrange(0, 8)) for _ in range(nreq))
+        data = (
+            struct.pack(">I", len(name))
+            + name
+            + struct.pack(">H", nreq)
+            + b"".join(struct.pack(">H", rnd.randrange(0, 8)) for _ in range(nreq))
+        )
     elif shape == 1:  # lying inner lengths
         data = struct.pack(">I", rnd.getrandbits(32)) + name + rnd.randbytes(rnd.randrange(0, 8))
     elif shape == 2:  # meta-context-shaped
-        qs = [rnd.choice([b"base:", b"qemu:", b"base:allocation", b"qemu:dirty-bitmap:",
-                          rnd.randbytes(rnd.randrange(0, 30))]) for _ in range(rnd.randrange(4))]
+        qs = [
+            rnd.choice(
+                [
+                    b"base:",
+                    b"qemu:",
+                    b"base:allocation",
+                    b"qemu:dirty-bitmap:",
+                    rnd.randbytes(rnd.randrange(0, 30)),
+                ]
+            )
+            for _ in range(rnd.randrange(4))
+        ]
         data = struct.pack(">I", len(name)) + name + struct.pack(">I", len(qs) + rnd.randrange(2))
         data += b"".join(struct.pack(">I", len(q)) + q for q in qs)
     elif shape == 3:
@@ -130,12 +144,18 @@ def test_fuzz_never_takes_the_daemon_down(tmp_path: Path) -> None:
     with daemon(tmp_path, "blockd") as (d, q):
         add_raw(q, "src", image)
         sock = tmp_path / "fuzz.sock"
-        q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}},
-                                   "max-connections": 0})
-        q.run("block-export-add", {"type": "nbd", "id": "fuzz", "node-name": "src", "name": "fuzz",
-                                   "writable": True})
-        q.run("block-export-add", {"type": "nbd", "id": "good", "node-name": "src",
-                                   "name": "good", "writable": True})
+        q.run(
+            "nbd-server-start",
+            {"addr": {"type": "unix", "data": {"path": str(sock)}}, "max-connections": 0},
+        )
+        q.run(
+            "block-export-add",
+            {"type": "nbd", "id": "fuzz", "node-name": "src", "name": "fuzz", "writable": True},
+        )
+        q.run(
+            "block-export-add",
+            {"type": "nbd", "id": "good", "node-name": "src", "name": "good", "writable": True},
+        )
         stop = threading.Event()
         good_errors: list[BaseException] = []
         rounds = [0]
@@ -162,8 +182,7 @@ def test_fuzz_never_takes_the_daemon_down(tmp_path: Path) -> None:
         t.start()
         started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda it: _run_case(str(sock), it[1], it[0] % 5 == 0),
-                          enumerate(cases)))
+            list(pool.map(lambda it: _run_case(str(sock), it[1], it[0] % 5 == 0), enumerate(cases)))
         stop.set()
         t.join(30)
         assert not good_errors, good_errors

@@ -23,10 +23,14 @@ def _setup(q: Qmp, tmp: Path, tag: str, image: Path, **server: Any) -> Path:
     add_raw(q, "src", image)
     sock = tmp / f"{tag}.sock"
     q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}, **server})
-    q.run("block-export-add", {"type": "nbd", "id": "ro", "node-name": "src", "name": "ro",
-                               "allocation-depth": True})
-    q.run("block-export-add", {"type": "nbd", "id": "rw", "node-name": "src", "name": "rw",
-                               "writable": True})
+    q.run(
+        "block-export-add",
+        {"type": "nbd", "id": "ro", "node-name": "src", "name": "ro", "allocation-depth": True},
+    )
+    q.run(
+        "block-export-add",
+        {"type": "nbd", "id": "rw", "node-name": "src", "name": "rw", "writable": True},
+    )
     return sock
 
 
@@ -57,8 +61,11 @@ def _error_probe(sock: Path) -> dict[str, Any]:
     # Sparse structured read: chunk types and ranges.
     r = ro.request(P.CMD_READ, 0, 8 * MiB)
     out["sparse-read"] = [
-        (t, struct.unpack(">Q", b[:8])[0],
-         len(b) - 8 if t == P.REPLY_TYPE_OFFSET_DATA else struct.unpack(">I", b[8:12])[0])
+        (
+            t,
+            struct.unpack(">Q", b[:8])[0],
+            len(b) - 8 if t == P.REPLY_TYPE_OFFSET_DATA else struct.unpack(">I", b[8:12])[0],
+        )
         for t, b in r["chunks"]
     ]
     r = ro.request(P.CMD_READ, 0, 2 * MiB, P.CMD_FLAG_DF)
@@ -101,8 +108,13 @@ def test_request_errors_and_replies_match_qsd(tmp_path: Path) -> None:
             seen[kind] = _error_probe(sock)
     # Deliberate differences: QSD 7.2 answers EINVAL where the NBD spec asks for EPERM
     # (writes to a read-only export) and ENOSPC (writes past the end); blockd follows the spec.
-    spec = {"ro-write": P.NBD_EPERM, "ro-zero": P.NBD_EPERM, "ro-trim": P.NBD_EPERM,
-            "write-past-eof": P.NBD_ENOSPC, "zero-past-eof": P.NBD_ENOSPC}
+    spec = {
+        "ro-write": P.NBD_EPERM,
+        "ro-zero": P.NBD_EPERM,
+        "ro-trim": P.NBD_EPERM,
+        "write-past-eof": P.NBD_ENOSPC,
+        "zero-past-eof": P.NBD_ENOSPC,
+    }
     for k, v in spec.items():
         assert seen["qsd"][k] == P.NBD_EINVAL
         assert seen["blockd"][k] == v, k
@@ -125,8 +137,9 @@ def test_overlapping_writes_keep_order_and_pipelining(tmp_path: Path) -> None:
         # 48 writes to overlapping ranges, sent back to back; the last one must win.
         for i in range(48):
             off = 64 * 1024 * (i % 3)
-            c.send(P.CMD_WRITE, off, 128 * 1024, handle=1000 + i,
-                   payload=bytes([i + 1]) * (128 * 1024))
+            c.send(
+                P.CMD_WRITE, off, 128 * 1024, handle=1000 + i, payload=bytes([i + 1]) * (128 * 1024)
+            )
         # Interleave reads and flushes of other ranges (replies may come in any order).
         for i in range(16):
             c.send(P.CMD_READ, 8 * MiB + i * 4096, 4096, handle=2000 + i)
@@ -255,7 +268,9 @@ def test_stuck_client_never_blocks_the_monitor(tmp_path: Path) -> None:
         assert r["error"]["desc"] == "export 'rw' still in use"
         q.run("block-export-del", {"id": "rw", "mode": "hard"})
         assert q.wait_event("BLOCK_EXPORT_DELETED", 5) == {
-            "event": "BLOCK_EXPORT_DELETED", "data": {"id": "rw"}}
+            "event": "BLOCK_EXPORT_DELETED",
+            "data": {"id": "rw"},
+        }
         assert time.monotonic() - started < 3
         q.run("nbd-server-stop")
         c.close()

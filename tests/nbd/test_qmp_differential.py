@@ -20,8 +20,14 @@ def _norm(obj: Any, tmp: Path) -> Any:
 
 
 def _setup(q: Qmp, tmp: Path, tag: str) -> None:
-    q.run("blockdev-add", {"driver": "raw", "node-name": "src",
-                           "file": {"driver": "file", "filename": str(tmp / "a.raw")}})
+    q.run(
+        "blockdev-add",
+        {
+            "driver": "raw",
+            "node-name": "src",
+            "file": {"driver": "file", "filename": str(tmp / "a.raw")},
+        },
+    )
     q.run("blockdev-add", {"driver": "null-co", "node-name": "ro", "read-only": True})
 
 
@@ -35,12 +41,16 @@ def _errors_script(tmp: Path, tag: str) -> list[tuple[str, dict[str, Any] | None
         ("nbd-server-remove", {"name": "x"}),
         ("nbd-server-stop", None),
         ("nbd-server-start", {"addr": {"type": "unix", "path": sock}}),
-        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}},
-                              "max-connections": -1}),
+        (
+            "nbd-server-start",
+            {"addr": {"type": "unix", "data": {"path": sock}}, "max-connections": -1},
+        ),
         ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "/nonexist/n.sock"}}}),
         ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "x" * 200}}}),
-        ("nbd-server-start", {"addr": {"type": "inet",
-                                       "data": {"host": "no.such.host.invalid", "port": "1"}}}),
+        (
+            "nbd-server-start",
+            {"addr": {"type": "inet", "data": {"host": "no.such.host.invalid", "port": "1"}}},
+        ),
         ("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "foo"}}}),
         ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}),
         ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}),
@@ -48,21 +58,47 @@ def _errors_script(tmp: Path, tag: str) -> list[tuple[str, dict[str, Any] | None
         ("block-export-add", {"type": "nbd", "id": "0bad", "node-name": "src"}),
         ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "ro", "writable": True}),
         ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src", "name": "x" * 5000}),
-        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src",
-                              "description": "d" * 4097}),
+        (
+            "block-export-add",
+            {"type": "nbd", "id": "e0", "node-name": "src", "description": "d" * 4097},
+        ),
         ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src", "bitmaps": ["nob"]}),
-        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src",
-                              "bitmaps": [{"node": "src", "name": "nob"}]}),
-        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src",
-                              "bitmaps": [{"node": "nonode", "name": "nob"}]}),
+        (
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": "e0",
+                "node-name": "src",
+                "bitmaps": [{"node": "src", "name": "nob"}],
+            },
+        ),
+        (
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": "e0",
+                "node-name": "src",
+                "bitmaps": [{"node": "nonode", "name": "nob"}],
+            },
+        ),
         ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src", "iothread": "t"}),
         ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src", "bogus": 1}),
         ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src", "name": ""}),
         ("query-block-exports", None),
         ("block-export-del", {"id": "e0"}),
-        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src", "writable": True,
-                              "writethrough": True, "fixed-iothread": False,
-                              "allocation-depth": True, "description": "desc"}),
+        (
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": "e0",
+                "node-name": "src",
+                "writable": True,
+                "writethrough": True,
+                "fixed-iothread": False,
+                "allocation-depth": True,
+                "description": "desc",
+            },
+        ),
         ("block-export-add", {"type": "nbd", "id": "e9", "node-name": "src"}),
         ("nbd-server-add", {"device": "ro", "writable": True}),
         ("nbd-server-add", {"device": "src", "name": "e0"}),
@@ -92,8 +128,9 @@ def test_commands_and_errors_match_qsd(tmp_path: Path) -> None:
             out = []
             for cmd, args in _errors_script(tmp_path, kind):
                 out.append((cmd, _norm(q.transcript(cmd, args), tmp_path)))
-            seen[kind] = json.loads(json.dumps(out).replace("qsd-nbd", "X").replace(
-                "blockd-nbd", "X"))
+            seen[kind] = json.loads(
+                json.dumps(out).replace("qsd-nbd", "X").replace("blockd-nbd", "X")
+            )
     for (cmd, want), (_c, got) in zip(seen["qsd"], seen["blockd"], strict=True):
         assert got == want, f"{cmd}: QSD {want} blockd {got}"
 
@@ -184,8 +221,16 @@ def test_export_name_defaults_and_info(tmp_path: Path) -> None:
             _setup(q, tmp_path, kind)
             sock = tmp_path / f"{kind}-n.sock"
             q.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
-            q.run("block-export-add", {"type": "nbd", "id": "exp0", "node-name": "src",
-                                       "description": "the source", "allocation-depth": True})
+            q.run(
+                "block-export-add",
+                {
+                    "type": "nbd",
+                    "id": "exp0",
+                    "node-name": "src",
+                    "description": "the source",
+                    "allocation-depth": True,
+                },
+            )
             q.run("nbd-server-add", {"device": "ro", "name": "legacy"})
             c = RawNbd(str(sock))
             c.greeting()
@@ -201,8 +246,10 @@ def test_export_name_defaults_and_info(tmp_path: Path) -> None:
                 "structured": c.option_replies(8),
                 "structured-again": c.option_replies(8),
                 "set-meta": c.option_replies(
-                    10, RawNbd.meta_payload("src", ["base:allocation", "qemu:", "nope:x",
-                                                    "qemu:allocation-depth"])
+                    10,
+                    RawNbd.meta_payload(
+                        "src", ["base:allocation", "qemu:", "nope:x", "qemu:allocation-depth"]
+                    ),
                 ),
                 "unknown-opt": c.option_replies(99),
                 "starttls": c.option_replies(5),
@@ -234,23 +281,65 @@ def test_bitmap_export_errors_match_qsd(tmp_path: Path) -> None:
             script: list[tuple[str, dict[str, Any] | None]] = [
                 ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}),
                 ("block-dirty-bitmap-add", {"node": "src", "name": "b0"}),
-                ("block-export-add", {"type": "nbd", "id": "e5", "node-name": "src",
-                                      "name": "x5", "bitmaps": ["b0"]}),
-                ("block-export-add", {"type": "nbd", "id": "e5", "node-name": "src",
-                                      "name": "x5", "bitmaps": ["b0"], "writable": True}),
-                ("block-export-add", {"type": "nbd", "id": "e6", "node-name": "src",
-                                      "name": "x6", "bitmaps": ["b0"], "writable": True}),
-                ("block-export-add", {"type": "nbd", "id": "e6", "node-name": "src",
-                                      "name": "x6", "bitmaps": [{"node": "src", "name": "b0"}],
-                                      "writable": True}),
+                (
+                    "block-export-add",
+                    {
+                        "type": "nbd",
+                        "id": "e5",
+                        "node-name": "src",
+                        "name": "x5",
+                        "bitmaps": ["b0"],
+                    },
+                ),
+                (
+                    "block-export-add",
+                    {
+                        "type": "nbd",
+                        "id": "e5",
+                        "node-name": "src",
+                        "name": "x5",
+                        "bitmaps": ["b0"],
+                        "writable": True,
+                    },
+                ),
+                (
+                    "block-export-add",
+                    {
+                        "type": "nbd",
+                        "id": "e6",
+                        "node-name": "src",
+                        "name": "x6",
+                        "bitmaps": ["b0"],
+                        "writable": True,
+                    },
+                ),
+                (
+                    "block-export-add",
+                    {
+                        "type": "nbd",
+                        "id": "e6",
+                        "node-name": "src",
+                        "name": "x6",
+                        "bitmaps": [{"node": "src", "name": "b0"}],
+                        "writable": True,
+                    },
+                ),
                 ("block-dirty-bitmap-disable", {"node": "src", "name": "b0"}),
                 ("block-dirty-bitmap-remove", {"node": "src", "name": "b0"}),
                 ("nbd-server-add", {"device": "src", "name": "x7", "bitmap": "b0"}),
                 ("block-export-del", {"id": "e5"}),
                 ("block-dirty-bitmap-add", {"node": "src", "name": "b1", "disabled": True}),
                 ("nbd-server-add", {"device": "src", "name": "x7", "bitmap": "b1"}),
-                ("block-export-add", {"type": "nbd", "id": "e8", "node-name": "src",
-                                      "name": "x8", "bitmaps": ["b0", "b0"]}),
+                (
+                    "block-export-add",
+                    {
+                        "type": "nbd",
+                        "id": "e8",
+                        "node-name": "src",
+                        "name": "x8",
+                        "bitmaps": ["b0", "b0"],
+                    },
+                ),
                 ("query-named-block-nodes", {"flat": True}),
                 ("nbd-server-stop", None),
                 ("block-dirty-bitmap-remove", {"node": "src", "name": "b1"}),

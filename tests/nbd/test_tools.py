@@ -28,10 +28,21 @@ def _make_image(tmp: Path, fmt: str) -> Path:
     return q
 
 
-def _serve(q: Qmp, image: Path, fmt: str, transport: str, tmp: Path, tag: str,
-           writable: bool = False, **export: Any) -> str:
-    node: dict[str, Any] = {"driver": fmt, "node-name": "src",
-                            "file": {"driver": "file", "filename": str(image)}}
+def _serve(
+    q: Qmp,
+    image: Path,
+    fmt: str,
+    transport: str,
+    tmp: Path,
+    tag: str,
+    writable: bool = False,
+    **export: Any,
+) -> str:
+    node: dict[str, Any] = {
+        "driver": fmt,
+        "node-name": "src",
+        "file": {"driver": "file", "filename": str(image)},
+    }
     if writable:
         # (blockd children do not inherit discard=unmap yet; QEMU's do: set it on both.)
         node["discard"] = "unmap"
@@ -43,16 +54,24 @@ def _serve(q: Qmp, image: Path, fmt: str, transport: str, tmp: Path, tag: str,
         target = uri(sock, "src")
     else:
         port = free_port()
-        q.run("nbd-server-start",
-              {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}})
+        q.run(
+            "nbd-server-start",
+            {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}},
+        )
         target = tcp_uri(port, "src")
-    q.run("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src",
-                               "writable": writable, **export})
+    q.run(
+        "block-export-add",
+        {"type": "nbd", "id": "e0", "node-name": "src", "writable": writable, **export},
+    )
     return target
 
 
-FORMATS = ["raw", pytest.param("qcow2", marks=pytest.mark.skipif(
-    not HAVE_QCOW2, reason="qcow2 driver not in blockd yet"))]
+FORMATS = [
+    "raw",
+    pytest.param(
+        "qcow2", marks=pytest.mark.skipif(not HAVE_QCOW2, reason="qcow2 driver not in blockd yet")
+    ),
+]
 
 
 @needs_nbdinfo
@@ -69,7 +88,7 @@ def test_map_and_info_match_image(tmp_path: Path, fmt: str, transport: str) -> N
         nbd_map = run("nbdinfo", "--map", target).stdout
         depth_map = run("nbdinfo", "--map=qemu:allocation-depth", target).stdout
         listing = run("nbdinfo", "--list", target).stdout
-        assert "export=\"src\"" in listing
+        assert 'export="src"' in listing
         # Convert over NBD, then compare byte for byte with the image.
         out = tmp_path / "copy.raw"
         qemu_img("convert", "-f", "raw", "-O", "raw", target, out)
@@ -100,30 +119,56 @@ def test_qemu_io_read_write(tmp_path: Path, transport: str) -> None:
             checks += ["-c", f"read -P {k + 1} {k * 96}k 96k"]
         qemu_io("-f", "raw", *checks, target)
         qemu_io(
-            "-f", "raw",
-            "-c", "write -P 0xab 10M 1M",
-            "-c", "read -P 0xab 10M 1M",
-            "-c", "writev -P 0xcd 12M 4k 8k 64k",
-            "-c", "readv -P 0xcd 12M 64k 12k",
-            "-c", "write -z 10M 64k",
-            "-c", "read -P 0 10M 64k",
-            "-c", "write -z -u 10M 512k",
-            "-c", "read -P 0 10M 512k",
-            "-c", "read -P 0xab 10752k 512k",
-            "-c", "discard 12M 1M",
-            "-c", "read -P 0 12M 1M",
-            "-c", "write -P 0x11 31M 1M",
-            "-c", "flush",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 10M 1M",
+            "-c",
+            "read -P 0xab 10M 1M",
+            "-c",
+            "writev -P 0xcd 12M 4k 8k 64k",
+            "-c",
+            "readv -P 0xcd 12M 64k 12k",
+            "-c",
+            "write -z 10M 64k",
+            "-c",
+            "read -P 0 10M 64k",
+            "-c",
+            "write -z -u 10M 512k",
+            "-c",
+            "read -P 0 10M 512k",
+            "-c",
+            "read -P 0xab 10752k 512k",
+            "-c",
+            "discard 12M 1M",
+            "-c",
+            "read -P 0 12M 1M",
+            "-c",
+            "write -P 0x11 31M 1M",
+            "-c",
+            "flush",
             target,
         )
         # Past the end: the client refuses before sending; the export stays usable.
         res = qemu_io("-f", "raw", "-c", "write 32M 4k", target, check=False)
-        assert "Input/output error" in res.stdout or "out of range" in res.stdout.lower() or \
-            "failed" in res.stdout.lower()
+        assert (
+            "Input/output error" in res.stdout
+            or "out of range" in res.stdout.lower()
+            or "failed" in res.stdout.lower()
+        )
         qemu_io("-f", "raw", "-c", "read -P 0x11 31M 1M", target)
     # After the daemon is gone, the file itself holds the data.
-    qemu_io("-f", "raw", "-c", "read -P 0x11 31M 1M", "-c", "read -P 64 6048k 96k",
-            "-c", "read -P 0xab 10752k 512k", image)
+    qemu_io(
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x11 31M 1M",
+        "-c",
+        "read -P 64 6048k 96k",
+        "-c",
+        "read -P 0xab 10752k 512k",
+        image,
+    )
 
 
 def test_read_only_export_refuses_writes(tmp_path: Path) -> None:
@@ -131,11 +176,15 @@ def test_read_only_export_refuses_writes(tmp_path: Path) -> None:
     with daemon(tmp_path, "blockd") as (_d, q):
         target = _serve(q, image, "raw", "unix", tmp_path, "b")
         res = qemu_io("-f", "raw", "-c", "write 0 4k", target, check=False)
-        assert "Permission denied" in res.stdout + res.stderr or "read-only" in (
-            res.stdout + res.stderr
-        ).lower()
-        res = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 64k", target],
-                             capture_output=True, text=True)
+        assert (
+            "Permission denied" in res.stdout + res.stderr
+            or "read-only" in (res.stdout + res.stderr).lower()
+        )
+        res = subprocess.run(
+            ["qemu-io", "-r", "-f", "raw", "-c", "read 0 64k", target],
+            capture_output=True,
+            text=True,
+        )
         assert "read 65536/65536" in res.stdout
 
 

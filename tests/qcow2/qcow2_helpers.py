@@ -171,8 +171,9 @@ def batches(ops: list[Op], rng: random.Random, max_batch: int = 4) -> list[list[
     cur: list[Op] = []
     want = rng.randint(1, max_batch)
     for op in ops:
-        clash = any(op.offset < o.offset + o.length and o.offset < op.offset + op.length
-                    for o in cur)
+        clash = any(
+            op.offset < o.offset + o.length and o.offset < op.offset + op.length for o in cur
+        )
         if clash or len(cur) >= want:
             out.append(cur)
             cur = []

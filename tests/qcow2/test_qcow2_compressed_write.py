@@ -165,8 +165,10 @@ async def write_compressed(node, data: bytes, cs: int, rng: random.Random) -> No
     rng.shuffle(reqs)
     for i in range(0, len(reqs), 4):
         await asyncio.gather(
-            *(node.write(o, memoryview(data)[o : o + n], WriteFlags.COMPRESSED)
-              for o, n in reqs[i : i + 4])
+            *(
+                node.write(o, memoryview(data)[o : o + n], WriteFlags.COMPRESSED)
+                for o, n in reqs[i : i + 4]
+            )
         )
 
 
@@ -239,8 +241,20 @@ async def test_compressed_write_roundtrip(tmp_path, version, cs):
     src.write_bytes(data + bytes(size - len(data)))
     try:
         compat = "0.10" if version == "v2" else "1.1"
-        qemu_img("convert", "-c", "-m", "1", "-f", "raw", "-O", "qcow2",
-                 "-o", f"compat={compat},cluster_size={cs}", str(src), str(out))
+        qemu_img(
+            "convert",
+            "-c",
+            "-m",
+            "1",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            f"compat={compat},cluster_size={cs}",
+            str(src),
+            str(out),
+        )
         theirs = compressed_clusters(str(out))
     finally:
         src.unlink()
@@ -391,8 +405,9 @@ async def test_unsupported_driver_refuses(tmp_path):
     path.write_bytes(bytes(65536))
     graph = BlockGraph()
     node = await graph.add(
-        options({"driver": "raw", "node-name": "r",
-                 "file": {"driver": "file", "filename": str(path)}})
+        options(
+            {"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": str(path)}}
+        )
     )
     try:
         with pytest.raises(OSError) as ei:
@@ -444,8 +459,12 @@ async def _crash_run(tmp: Path, run: int) -> tuple[int, int]:
     size = n * cs
     qemu_img("create", "-f", "qcow2", "-o", f"compat={compat},cluster_size={cs}", img, str(size))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, _CRASH_CHILD, img, str(70 + run),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        _CRASH_CHILD,
+        img,
+        str(70 + run),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
     first = await asyncio.wait_for(proc.stdout.readline(), 30)

@@ -45,8 +45,12 @@ async def one_run(tmp: Path, run: int) -> tuple[int, int]:
     qemu_img(*args, img, str(SIZE))
     seed = 50 + run
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, CHILD, img, str(seed),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        CHILD,
+        img,
+        str(seed),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
     first = await asyncio.wait_for(proc.stdout.readline(), 30)
@@ -79,11 +83,10 @@ async def one_run(tmp: Path, run: int) -> tuple[int, int]:
     got = to_raw(img, str(d / "out.raw"))
     assert len(got) == SIZE
     bad = [
-        i for i in range(0, SIZE, 512)
+        i
+        for i in range(0, SIZE, 512)
         if got[i : i + 512] != shadow.data[i : i + 512]
-        and any(
-            not uncertain[j] and got[j] != shadow.data[j] for j in range(i, min(i + 512, SIZE))
-        )
+        and any(not uncertain[j] and got[j] != shadow.data[j] for j in range(i, min(i + 512, SIZE)))
     ]
     assert not bad, f"run {run}: flushed data lost at {bad[:5]} (durable batch {durable})"
     shutil.rmtree(d)  # disk is scarce on CI machines; a failed run keeps its files

@@ -24,8 +24,24 @@ CASES = 520
 READ_CAP = 4 * MiB
 
 HEADER_FIELDS = [  # (offset, width) of every header field
-    (4, 4), (8, 8), (16, 4), (20, 4), (24, 8), (32, 4), (36, 4), (40, 8), (48, 8), (56, 4),
-    (60, 4), (64, 8), (72, 8), (80, 8), (88, 8), (96, 4), (100, 4), (104, 1),
+    (4, 4),
+    (8, 8),
+    (16, 4),
+    (20, 4),
+    (24, 8),
+    (32, 4),
+    (36, 4),
+    (40, 8),
+    (48, 8),
+    (56, 4),
+    (60, 4),
+    (64, 8),
+    (72, 8),
+    (80, 8),
+    (88, 8),
+    (96, 4),
+    (100, 4),
+    (104, 1),
 ]
 
 
@@ -34,10 +50,10 @@ def _make_bases(d: Path) -> list[str]:
     a = str(d / "a.qcow2")  # v3, 512 B clusters, data + zero clusters + backing file
     raw = d / "base.raw"
     raw.write_bytes(bytes(range(256)) * 8192)
-    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512", "-b", str(raw), "-F", "raw",
-             a, "2M")
-    qemu_io(a, "write -P 1 0 300k", "write -z 400k 64k", "write -P 2 1000k 33k",
-            "discard 100k 10k")
+    qemu_img(
+        "create", "-f", "qcow2", "-o", "cluster_size=512", "-b", str(raw), "-F", "raw", a, "2M"
+    )
+    qemu_io(a, "write -P 1 0 300k", "write -z 400k 64k", "write -P 2 1000k 33k", "discard 100k 10k")
     out.append(a)
     b = str(d / "b.qcow2")  # v2, 4 KiB clusters
     qemu_img("create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", b, "2M")
@@ -87,8 +103,20 @@ def _structure(data: bytes) -> dict[str, list[int]]:
 def _interesting(rng: random.Random, width: int, old: int) -> int:
     top = (1 << (8 * width)) - 1
     bit = 1 << rng.randrange(8 * width)
-    choices = [0, 1, top, top >> 1, bit, old ^ bit, old + rng.randint(-3, 3),
-               rng.getrandbits(8 * width), 512, 513, 0x10000, 0x7FFFFFFF]
+    choices = [
+        0,
+        1,
+        top,
+        top >> 1,
+        bit,
+        old ^ bit,
+        old + rng.randint(-3, 3),
+        rng.getrandbits(8 * width),
+        512,
+        513,
+        0x10000,
+        0x7FFFFFFF,
+    ]
     return rng.choice(choices) & top
 
 
@@ -117,12 +145,14 @@ def _mutate(data: bytearray, rng: random.Random, where: dict[str, list[int]]) ->
     pos = rng.choice(pool)
     old = int.from_bytes(data[pos : pos + 8], "big")
     flags = rng.choice([0, 1 << 63, 1 << 62, 1, (1 << 63) | 1, (1 << 62) | (1 << 63)])
-    new = rng.choice([
-        _interesting(rng, 8, old),
-        (old & 0x00FFFFFFFFFFFE00) | flags,
-        (rng.randrange(0, 1 << 20) << 9) | flags,
-        old + rng.choice([-512, 512, 1, 4096]),
-    ]) & ((1 << 64) - 1)
+    new = rng.choice(
+        [
+            _interesting(rng, 8, old),
+            (old & 0x00FFFFFFFFFFFE00) | flags,
+            (rng.randrange(0, 1 << 20) << 9) | flags,
+            old + rng.choice([-512, 512, 1, 4096]),
+        ]
+    ) & ((1 << 64) - 1)
     data[pos : pos + 8] = new.to_bytes(8, "big")
     return kind
 

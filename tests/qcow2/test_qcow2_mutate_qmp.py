@@ -53,14 +53,25 @@ TOP64 = (1 << 64) - 1
 
 # (name, offset, width, first version that has it)
 FIELDS = [
-    ("magic", 0, 4, 2), ("version", 4, 4, 2), ("backing_file_offset", 8, 8, 2),
-    ("backing_file_size", 16, 4, 2), ("cluster_bits", 20, 4, 2), ("size", 24, 8, 2),
-    ("crypt_method", 32, 4, 2), ("l1_size", 36, 4, 2), ("l1_table_offset", 40, 8, 2),
-    ("refcount_table_offset", 48, 8, 2), ("refcount_table_clusters", 56, 4, 2),
-    ("nb_snapshots", 60, 4, 2), ("snapshots_offset", 64, 8, 2),
-    ("incompatible_features", 72, 8, 3), ("compatible_features", 80, 8, 3),
-    ("autoclear_features", 88, 8, 3), ("refcount_order", 96, 4, 3),
-    ("header_length", 100, 4, 3), ("compression_type", 104, 1, 3),
+    ("magic", 0, 4, 2),
+    ("version", 4, 4, 2),
+    ("backing_file_offset", 8, 8, 2),
+    ("backing_file_size", 16, 4, 2),
+    ("cluster_bits", 20, 4, 2),
+    ("size", 24, 8, 2),
+    ("crypt_method", 32, 4, 2),
+    ("l1_size", 36, 4, 2),
+    ("l1_table_offset", 40, 8, 2),
+    ("refcount_table_offset", 48, 8, 2),
+    ("refcount_table_clusters", 56, 4, 2),
+    ("nb_snapshots", 60, 4, 2),
+    ("snapshots_offset", 64, 8, 2),
+    ("incompatible_features", 72, 8, 3),
+    ("compatible_features", 80, 8, 3),
+    ("autoclear_features", 88, 8, 3),
+    ("refcount_order", 96, 4, 3),
+    ("header_length", 100, 4, 3),
+    ("compression_type", 104, 1, 3),
 ]
 EXT_BITMAPS = 0x23852875
 BITMAP_IN_PLACE = "Can't update bitmap directory"
@@ -87,10 +98,20 @@ def _make_bases(d: Path) -> list[Base]:
     a = d / "v3-512-backing.qcow2"
     # A relative backing name, resolved next to each case's image: the bytes of every base
     # (so every case of a seed) do not depend on where the test runs.
-    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512", "-b", raw.name, "-F", "raw",
-             a, "2M")
-    qemu_io("-c", "write -P 1 0 200k", "-c", "write -z 300k 64k", "-c", "write -P 2 1000k 33k",
-            "-c", "discard 100k 10k", a)
+    qemu_img(
+        "create", "-f", "qcow2", "-o", "cluster_size=512", "-b", raw.name, "-F", "raw", a, "2M"
+    )
+    qemu_io(
+        "-c",
+        "write -P 1 0 200k",
+        "-c",
+        "write -z 300k 64k",
+        "-c",
+        "write -P 2 1000k 33k",
+        "-c",
+        "discard 100k 10k",
+        a,
+    )
     paths.append(("v3-512-backing", a))
     b = d / "v2-4k.qcow2"
     qemu_img("create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", b, "2M")
@@ -110,8 +131,15 @@ def _make_bases(d: Path) -> list[Base]:
     qemu_io("-c", "write -P 6 0 300k", "-c", "write -z 2M 64k", "-c", "write -P 7 2200k 4k", e)
     paths.append(("v3-64k-bitmap", e))
     f = d / "v3-16k-rc1-lazy.qcow2"
-    qemu_img("create", "-f", "qcow2", "-o",
-             "cluster_size=16384,refcount_bits=1,lazy_refcounts=on", f, "3M")
+    qemu_img(
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=16384,refcount_bits=1,lazy_refcounts=on",
+        f,
+        "3M",
+    )
     qemu_io("-c", "write -P 8 16k 400k", "-c", "write -P 10 2M 48k", f)
     paths.append(("v3-16k-rc1-lazy", f))
     g = d / "v3-8k-rc64.qcow2"
@@ -172,7 +200,8 @@ def _survey(b: Base) -> None:
             q = doff
             for _ in range(nb):
                 tab_off, tab_size, _f, _t, _g, name_len, ext_size = struct.unpack_from(
-                    ">QIIBBHI", data, q)
+                    ">QIIBBHI", data, q
+                )
                 bitmap_tables += [tab_off + 8 * i for i in range(tab_size)]
                 q += (24 + ext_size + name_len + 7) & ~7
         pos += 8 + ((elen + 7) & ~7)
@@ -194,8 +223,15 @@ def _field_value(rng: random.Random, name: str, old: int, width: int, b: Base) -
     flen = len(b.data)
     cs = b.cs
     past_eof = (flen + cs - 1) // cs * cs + cs * rng.randint(0, 1 << rng.randrange(1, 20))
-    generic = [0, 1, top, top >> 1, old ^ (1 << rng.randrange(8 * width)),
-               old + rng.choice([-1, 1, -8, 8]), rng.getrandbits(8 * width)]
+    generic = [
+        0,
+        1,
+        top,
+        top >> 1,
+        old ^ (1 << rng.randrange(8 * width)),
+        old + rng.choice([-1, 1, -8, 8]),
+        rng.getrandbits(8 * width),
+    ]
     special: dict[str, list[int]] = {
         "magic": [0x514649FA, 0x514649FB ^ 0x100, 0],
         "version": [0, 1, 4, 0xFFFFFFFF, 2 if old == 3 else 3],
@@ -208,8 +244,16 @@ def _field_value(rng: random.Random, name: str, old: int, width: int, b: Base) -
         "refcount_table_clusters": [0, 2, 1 << 12, (8 * MiB // cs) + 1, 0xFFFFFFFF, old + 1],
         "nb_snapshots": [1, 2, 65536, 65537, 0xFFFFFFFF],
         "snapshots_offset": [0, cs, cs + 1, past_eof, 1 << 62],
-        "incompatible_features": [old | 1, old | 2, old | 4, old | 8, old | 16, old | 32,
-                                  old | (1 << 63), old | (1 << rng.randrange(5, 64))],
+        "incompatible_features": [
+            old | 1,
+            old | 2,
+            old | 4,
+            old | 8,
+            old | 16,
+            old | 32,
+            old | (1 << 63),
+            old | (1 << rng.randrange(5, 64)),
+        ],
         "compatible_features": [old | 1, old | 2, old | (1 << 63), 0],
         "autoclear_features": [old | 1, old | 2, old | 4, old & ~1, old | (1 << 63)],
         "refcount_order": [0, 1, 3, 5, 6, 7, 8, 64, 0xFFFFFFFF],
@@ -217,8 +261,18 @@ def _field_value(rng: random.Random, name: str, old: int, width: int, b: Base) -
         "compression_type": [1, 2, 255],
     }
     if name.endswith("_offset"):
-        special[name] = [*special.get(name, []), past_eof, old + 1, old + 512, old + cs // 2,
-                         1 << 55, 1 << 56, 1 << 62, TOP64 & ~(cs - 1), 0]
+        special[name] = [
+            *special.get(name, []),
+            past_eof,
+            old + 1,
+            old + 512,
+            old + cs // 2,
+            1 << 55,
+            1 << 56,
+            1 << 62,
+            TOP64 & ~(cs - 1),
+            0,
+        ]
     choices = special.get(name, []) * 2 + generic
     return rng.choice(choices) & top
 
@@ -286,15 +340,39 @@ def _mutate(data: bytearray, rng: random.Random, b: Base) -> tuple[bytearray, st
             ext = rng.choice(b.exts[:-1])
         type_pos, len_pos, data_pos, dlen = ext
         etype = _u32(b.data, type_pos)
-        tag = {0xE2792ACA: "backing_fmt", 0x6803F857: "features", EXT_BITMAPS: "bitmaps",
-               0: "end"}.get(etype, "other")
+        tag = {
+            0xE2792ACA: "backing_fmt",
+            0x6803F857: "features",
+            EXT_BITMAPS: "bitmaps",
+            0: "end",
+        }.get(etype, "other")
         what = rng.choice(["type", "len", "len", "data"] + ["bitmaps"] * 6 * (tag == "bitmaps"))
         if what == "type":
             _put(data, type_pos, 4, rng.choice([t for t in EXT_TYPES if t != etype]))
         elif what == "len":
-            _put(data, len_pos, 4, rng.choice(
-                [0, 1, dlen - 1, dlen + 1, dlen + 8, 15, 16, 23, 25, cs, cs - 8, 0xFFFFFFFF,
-                 rng.getrandbits(32)]) & 0xFFFFFFFF)
+            _put(
+                data,
+                len_pos,
+                4,
+                rng.choice(
+                    [
+                        0,
+                        1,
+                        dlen - 1,
+                        dlen + 1,
+                        dlen + 8,
+                        15,
+                        16,
+                        23,
+                        25,
+                        cs,
+                        cs - 8,
+                        0xFFFFFFFF,
+                        rng.getrandbits(32),
+                    ]
+                )
+                & 0xFFFFFFFF,
+            )
         elif what == "data" and dlen:
             for _ in range(rng.randint(1, 3)):
                 data[data_pos + rng.randrange(dlen)] = rng.randrange(256)
@@ -302,23 +380,50 @@ def _mutate(data: bytearray, rng: random.Random, b: Base) -> tuple[bytearray, st
             sub = rng.choice(["nb", "reserved", "dsize", "doff"])
             nb, _r, dsize, doff = struct.unpack_from(">IIQQ", data, data_pos)
             if sub == "nb":
-                _put(data, data_pos, 4, rng.choice([0, nb - 1, nb + 1, 65535, 65536,
-                                                    0xFFFFFFFF]) & 0xFFFFFFFF)
+                _put(
+                    data,
+                    data_pos,
+                    4,
+                    rng.choice([0, nb - 1, nb + 1, 65535, 65536, 0xFFFFFFFF]) & 0xFFFFFFFF,
+                )
             elif sub == "reserved":
                 _put(data, data_pos + 4, 4, rng.choice([1, 0x80000000]))
             elif sub == "dsize":
-                _put(data, data_pos + 8, 8, rng.choice(
-                    [0, dsize - 8, dsize + 8, 64 * MiB + 8, 1 << 40, TOP64]) & TOP64)
+                _put(
+                    data,
+                    data_pos + 8,
+                    8,
+                    rng.choice([0, dsize - 8, dsize + 8, 64 * MiB + 8, 1 << 40, TOP64]) & TOP64,
+                )
             else:
-                _put(data, data_pos + 16, 8, rng.choice(
-                    [0, doff + 1, doff + 8, doff + cs, 1 << 56, len(data) + cs]) & TOP64)
+                _put(
+                    data,
+                    data_pos + 16,
+                    8,
+                    rng.choice([0, doff + 1, doff + 8, doff + cs, 1 << 56, len(data) + cs]) & TOP64,
+                )
         return data, f"ext:{tag}:{what}"
     if kind == "trunc":
         flen = len(data)
         l1 = _u64(b.data, 40)
         rt = _u64(b.data, 48)
-        cut = rng.choice([0, 16, 71, 100, 200, cs - 1, cs, l1 + 4, rt + 8, flen // 2,
-                          flen - cs, flen - 1, rng.randrange(flen)])
+        cut = rng.choice(
+            [
+                0,
+                16,
+                71,
+                100,
+                200,
+                cs - 1,
+                cs,
+                l1 + 4,
+                rt + 8,
+                flen // 2,
+                flen - cs,
+                flen - 1,
+                rng.randrange(flen),
+            ]
+        )
         return data[: max(0, min(cut, flen - 1))], "trunc"
     if kind == "rb":
         pos = rng.choice(b.where["rb"])
@@ -410,8 +515,16 @@ async def _timed(coro: Any, what: str, case: int, limit: float = REPLY_TIMEOUT) 
         raise AssertionError(f"case {case}: {what} took more than {limit}s") from None
 
 
-async def _run_case(c: QMPClient, events: EventLog, nbd: Path, path: Path, rw: bool, case: int,
-                    rng: random.Random, who: str = "blockd") -> Outcome:
+async def _run_case(
+    c: QMPClient,
+    events: EventLog,
+    nbd: Path,
+    path: Path,
+    rw: bool,
+    case: int,
+    rng: random.Random,
+    who: str = "blockd",
+) -> Outcome:
     """Open, export, read, close one image; every step of blockd within REPLY_TIMEOUT. The
     oracle gets longer (QEMU reads every snapshot header of a hostile nb_snapshots one by
     one, which can take seconds) and must only not hang."""
@@ -421,8 +534,12 @@ async def _run_case(c: QMPClient, events: EventLog, nbd: Path, path: Path, rw: b
     def timed(coro: Any, what: str) -> Any:
         return _timed(coro, f"{who} {what}", case, limit)
 
-    spec = {"driver": "qcow2", "node-name": node, "read-only": not rw,
-            "file": {"driver": "file", "filename": str(path)}}
+    spec = {
+        "driver": "qcow2",
+        "node-name": node,
+        "read-only": not rw,
+        "file": {"driver": "file", "filename": str(path)},
+    }
     t0 = time.monotonic()
     try:
         await timed(c.execute("blockdev-add", spec), "blockdev-add")
@@ -431,24 +548,28 @@ async def _run_case(c: QMPClient, events: EventLog, nbd: Path, path: Path, rw: b
         return Outcome(True, err, seconds=time.monotonic() - t0)
     out = Outcome(False, seconds=time.monotonic() - t0)
     try:
-        await timed(c.execute("block-export-add", {"type": "nbd", "id": node, "node-name": node}),
-                    "block-export-add")
+        await timed(
+            c.execute("block-export-add", {"type": "nbd", "id": node, "node-name": node}),
+            "block-export-add",
+        )
         client = await timed(NbdReader.open(nbd, node), "NBD negotiation")
         try:
             out.size = client.size
             end = min(client.size, READ_CAP)
             offsets = list(range(0, end, CHUNK))
             if client.size > READ_CAP:
-                offsets += sorted({rng.randrange(READ_CAP, client.size) & ~511
-                                   for _ in range(SAMPLES)})
+                offsets += sorted(
+                    {rng.randrange(READ_CAP, client.size) & ~511 for _ in range(SAMPLES)}
+                )
             for off in offsets:
                 n = min(CHUNK, client.size - off)
                 out.chunks[off] = await timed(client.read(off, n), f"NBD read at {off}")
         finally:
             await client.close()
         await timed(c.execute("block-export-del", {"id": node}), "block-export-del")
-        await events.wait_for(lambda e: e["event"] == "BLOCK_EXPORT_DELETED"
-                              and e["data"]["id"] == node, limit)
+        await events.wait_for(
+            lambda e: e["event"] == "BLOCK_EXPORT_DELETED" and e["data"]["id"] == node, limit
+        )
     finally:
         try:
             await timed(c.execute("blockdev-del", {"node-name": node}), "blockdev-del")
@@ -461,9 +582,17 @@ async def _run_case(c: QMPClient, events: EventLog, nbd: Path, path: Path, rw: b
     return out
 
 
-def _judge(label: str, rw: bool, mine: Outcome, theirs: Outcome, stats: dict[str, int],
-           problems: list[str], notes: list[str]) -> None:
+def _judge(
+    label: str,
+    rw: bool,
+    mine: Outcome,
+    theirs: Outcome,
+    stats: dict[str, int],
+    problems: list[str],
+    notes: list[str],
+) -> None:
     """Hold blockd's outcome against QSD's for the same image."""
+
     def bump(key: str) -> None:
         stats[key] = stats.get(key, 0) + 1
 
@@ -527,8 +656,9 @@ async def test_mutated_images_over_qmp(blockd: Daemon, qsd_factory: Any, tmp_pat
     t_start = time.monotonic()
     async with connect(blockd.sock) as (c, ev), connect(qsd.sock) as (q, qev):
         for cl, sock in ((c, nbd_b), (q, nbd_q)):
-            await cl.execute("nbd-server-start",
-                             {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+            await cl.execute(
+                "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}}
+            )
         for case in range(CASES):
             base = bases[case % len(bases)] if case < len(bases) * 4 else rng.choice(bases)
             data = bytearray(base.data)
@@ -551,15 +681,17 @@ async def test_mutated_images_over_qmp(blockd: Daemon, qsd_factory: Any, tmp_pat
                 await _timed(c.execute("query-version"), "query-version", case)
                 theirs = None
                 if case % QSD_EVERY == 0:
-                    theirs = await _run_case(q, qev, nbd_q, qpath, rw, case, random.Random(case),
-                                             who="QSD")
+                    theirs = await _run_case(
+                        q, qev, nbd_q, qpath, rw, case, random.Random(case), who="QSD"
+                    )
             finally:
                 path.unlink()
                 if rw:
                     qpath.unlink()
             for t in tags:
-                k = kinds.setdefault(t.split(":")[0] + (":" + t.split(":")[1] if ":" in t
-                                                        else ""), [0, 0])
+                k = kinds.setdefault(
+                    t.split(":")[0] + (":" + t.split(":")[1] if ":" in t else ""), [0, 0]
+                )
                 k[0] += 1
                 k[1] += mine.refused
             if mine.refused:
@@ -619,19 +751,25 @@ def _regressions(ext: dict[str, int]) -> list[tuple[str, Any, bool]]:
             for fmt, pos, value in writes:
                 struct.pack_into(fmt, data, pos, value)
             return data
+
         return apply
 
     return [
         ("end marker longer than cluster 0", put((">I", end + 4, 0x10000)), True),
-        ("backing name offset cuts the end marker",
-         put((">Q", 8, end + 4), (">I", 16, 0)), True),
+        ("backing name offset cuts the end marker", put((">Q", 8, end + 4), (">I", 16, 0)), True),
         ("CRYPTO extension without LUKS", put((">I", end, 0x0537BE77)), True),
         ("data-file-raw without a data file", put((">Q", 88, 1 | 2)), True),
         ("unaligned snapshot table offset, no snapshots", put((">Q", 64, 0x10001)), True),
-        ("unaligned L1 table offset, empty image",
-         put((">Q", 24, 0), (">I", 36, 0), (">Q", 40, 0x30001)), True),
-        ("bitmaps extension of 32 bytes, autoclear bit clear",
-         put((">Q", 88, 0), (">I", bm + 4, 32)), True),
+        (
+            "unaligned L1 table offset, empty image",
+            put((">Q", 24, 0), (">I", 36, 0), (">Q", 40, 0x30001)),
+            True,
+        ),
+        (
+            "bitmaps extension of 32 bytes, autoclear bit clear",
+            put((">Q", 88, 0), (">I", bm + 4, 32)),
+            True,
+        ),
         ("bitmap table offset past 2^63", put((">Q", bdir, (1 << 63) | 0x10000)), False),
         ("file ends inside the bitmaps extension", lambda d: d[: bm + 4], True),
     ]
@@ -666,8 +804,12 @@ async def test_open_checks_found_by_mutation(
             path.write_bytes(mutate(bytearray(base)))
             got = {}
             for name, client in (("blockd", c), ("qsd", q)):
-                spec = {"driver": "qcow2", "node-name": f"r{i}", "read-only": True,
-                        "file": {"driver": "file", "filename": str(path)}}
+                spec = {
+                    "driver": "qcow2",
+                    "node-name": f"r{i}",
+                    "read-only": True,
+                    "file": {"driver": "file", "filename": str(path)},
+                }
                 try:
                     await asyncio.wait_for(client.execute("blockdev-add", spec), REPLY_TIMEOUT)
                     await client.execute("blockdev-del", {"node-name": f"r{i}"})

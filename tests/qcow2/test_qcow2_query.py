@@ -26,20 +26,43 @@ def test_qcow2_node_info_matches_qsd(tmp_path: Path) -> None:
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", base, "8M")
     qemu_io("-c", "write -P 1 0 1M", base)
-    qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on,refcount_bits=64", "-b", base.name,
-             "-F", "qcow2", mid, "8M")
-    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=2M", "-b", mid, "-F", "qcow2", top,
-             "16M")
+    qemu_img(
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on,refcount_bits=64",
+        "-b",
+        base.name,
+        "-F",
+        "qcow2",
+        mid,
+        "8M",
+    )
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=2M", "-b", mid, "-F", "qcow2", top, "16M")
     qemu_img("bitmap", "--add", "-g", "1M", top, "pb")
     seen: dict[str, Any] = {}
     for kind in ("qsd", "blockd"):
         d = start(kind, tmp_path)
         s = Session(d.sock)
-        s.ok("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                              "file": {"driver": "file", "filename": str(top)}})
-        s.ok("blockdev-add", {"driver": "qcow2", "node-name": "ro", "read-only": True,
-                              "backing": None,
-                              "file": {"driver": "file", "filename": str(mid)}})
+        s.ok(
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": "top",
+                "file": {"driver": "file", "filename": str(top)},
+            },
+        )
+        s.ok(
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": "ro",
+                "read-only": True,
+                "backing": None,
+                "file": {"driver": "file", "filename": str(mid)},
+            },
+        )
         s.ok("block-dirty-bitmap-add", {"node": "top", "name": "v", "granularity": 65536})
         nodes = s.ok("query-named-block-nodes")
         seen[kind] = {n["node-name"]: _strip(n) for n in nodes if n["node-name"] in ("top", "ro")}

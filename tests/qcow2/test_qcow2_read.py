@@ -84,8 +84,18 @@ async def test_read_compressed(tmp_path, compat, cluster):
     blob += bytes(-len(blob) % 512)
     with open(src, "wb") as f:
         f.write(blob)
-    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compat={compat},cluster_size={cluster}",
-             "-f", "raw", src, img)
+    qemu_img(
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        f"compat={compat},cluster_size={cluster}",
+        "-f",
+        "raw",
+        src,
+        img,
+    )
     graph = BlockGraph()
     node = await open_qcow2(graph, img, rw=False)
     got = await _read_all(node, rng)
@@ -96,7 +106,9 @@ async def test_read_compressed(tmp_path, compat, cluster):
 
 async def test_read_zero_clusters_over_backing(tmp_path):
     _, img = backed_qcow2(
-        tmp_path, "4M", ("write -P 0x33 0 4M",),
+        tmp_path,
+        "4M",
+        ("write -P 0x33 0 4M",),
         ("write -z 64k 128k", "write -z -u 1M 1M", "write -P 0x44 1088k 4k"),
     )
     graph = BlockGraph()
@@ -105,7 +117,7 @@ async def test_read_zero_clusters_over_backing(tmp_path):
     await graph.close_all()
     assert got == to_raw(img, str(tmp_path / "out.raw"))
     assert got[64 * 1024 : 192 * 1024] == bytes(128 * 1024)
-    assert got[:64 * 1024] == b"\x33" * 65536
+    assert got[: 64 * 1024] == b"\x33" * 65536
 
 
 async def test_backing_option_overrides_header(tmp_path):
@@ -122,8 +134,12 @@ async def test_backing_option_overrides_header(tmp_path):
     graph = BlockGraph()
     await graph.add(
         __import__("qcow2_helpers").options(
-            {"driver": "qcow2", "node-name": "b", "read-only": True,
-             "file": {"driver": "file", "filename": base}}
+            {
+                "driver": "qcow2",
+                "node-name": "b",
+                "read-only": True,
+                "file": {"driver": "file", "filename": base},
+            }
         )
     )
     node = await open_qcow2(graph, img, rw=False, name="t", backing="b")
@@ -166,8 +182,16 @@ async def test_zstd_compressed_clusters_read_like_qemu_img(tmp_path):
     rnd = random.Random(5)
     src.write_bytes(rnd.randbytes(MiB) + bytes(MiB) + b"blockd" * 100000 + rnd.randbytes(4321))
     img = str(tmp_path / "z.qcow2")
-    qemu_img("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd,cluster_size=4096",
-             str(src), img)
+    qemu_img(
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd,cluster_size=4096",
+        str(src),
+        img,
+    )
     chk = json.loads(qemu_img("check", "--output=json", img).stdout)
     assert chk["compressed-clusters"] > 0, chk
     graph = BlockGraph()

@@ -61,11 +61,23 @@ async def test_random_workload(tmp_path, version, cluster, backing, seed, cache)
         base = str(tmp_path / "base.raw")
         write_sparse(base, pattern(seed + 100, SIZE - 5 * MiB))  # shorter than the overlay
         initial = pattern(seed + 100, SIZE - 5 * MiB) + bytes(5 * MiB)
-        qemu_img("create", "-f", "qcow2", "-o", f"compat={compat},cluster_size={cluster}",
-                 "-b", base, "-F", "raw", img, str(SIZE))
+        qemu_img(
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            f"compat={compat},cluster_size={cluster}",
+            "-b",
+            base,
+            "-F",
+            "raw",
+            img,
+            str(SIZE),
+        )
     else:
-        qemu_img("create", "-f", "qcow2", "-o", f"compat={compat},cluster_size={cluster}",
-                 img, str(SIZE))
+        qemu_img(
+            "create", "-f", "qcow2", "-o", f"compat={compat},cluster_size={cluster}", img, str(SIZE)
+        )
     pat = pattern(seed)
     ops = random_ops(rng, SIZE, 2000)
     shadow = Shadow(initial, cluster, 2 if version == "v2" else 3, backing)
@@ -132,7 +144,9 @@ async def test_cow_zero_fill_without_backing(tmp_path):
 
 async def test_block_status_matches_qemu_map(tmp_path):
     _, img = backed_qcow2(
-        tmp_path, "4M", ("write -P 1 0 1M",),
+        tmp_path,
+        "4M",
+        ("write -P 1 0 1M",),
         ("write -P 2 64k 192k", "write -z 512k 128k", "write -P 3 2M 64k"),
     )
     graph = BlockGraph()
@@ -154,8 +168,7 @@ async def test_truncate_grow(tmp_path):
     img = str(tmp_path / "top.qcow2")
     with open(base, "wb") as f:
         f.write(b"\x77" * (3 * MiB))
-    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512", "-b", base, "-F", "raw",
-             img, "1M")
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512", "-b", base, "-F", "raw", img, "1M")
     graph = BlockGraph()
     node = await open_qcow2(graph, img)
     await node.write(1000, b"x" * 100)
@@ -183,7 +196,7 @@ async def test_refcount_table_growth(tmp_path):
     node = await open_qcow2(graph, img)
     pat = pattern(7, 4 * MiB)
     await node.write(3, pat)
-    await node.write(12 * MiB + 7, pat[: MiB])
+    await node.write(12 * MiB + 7, pat[:MiB])
     await node.flush()
     assert bytes(await node.read(3, 4 * MiB)) == pat
     await graph.close_all()
@@ -197,8 +210,7 @@ async def test_refcount_table_growth(tmp_path):
 @pytest.mark.parametrize("bits", [1, 2, 4, 8, 32])
 async def test_refcount_widths(tmp_path, bits):
     img = str(tmp_path / "a.qcow2")
-    qemu_img("create", "-f", "qcow2", "-o", f"cluster_size=4096,refcount_bits={bits}",
-             img, "8M")
+    qemu_img("create", "-f", "qcow2", "-o", f"cluster_size=4096,refcount_bits={bits}", img, "8M")
     graph = BlockGraph()
     node = await open_qcow2(graph, img)
     pat = pattern(bits, 3 * MiB)
@@ -316,9 +328,9 @@ async def test_rewrite_header_keeps_extensions(tmp_path):
     await node.driver.rewrite_header()
     await graph.close_all()
     after = json.loads(qemu_img("info", "--output=json", img).stdout)
-    assert after["format-specific"]["data"]["bitmaps"] == before["format-specific"]["data"][
-        "bitmaps"
-    ]
+    assert (
+        after["format-specific"]["data"]["bitmaps"] == before["format-specific"]["data"]["bitmaps"]
+    )
     assert after["backing-filename"] == base and after["virtual-size"] == 8 * MiB
     assert after["backing-filename-format"] == "qcow2"
     res = check_image(img)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import errno as _errno
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockd.block.driver import BlockDriver, WriteFlags, register_driver
 from blockd.block.perm import ChildRole
 from blockd.block.status import Extent
+
+if TYPE_CHECKING:
+    from blockd.block.node import BlockNode
 
 _EVENTS_BY_IOTYPE = {
     "read": {"read_aio", "read_backing_aio", "read_compressed", "cow_read", "none"},
@@ -49,7 +52,7 @@ class BlkdebugDriver(BlockDriver):
         self.transitions: list[tuple[str, int | None, int]] = []
 
     @property
-    def child(self) -> Any:
+    def child(self) -> BlockNode:
         return self.node.children["image"].node
 
     async def open(self, options: Any, graph: Any) -> None:

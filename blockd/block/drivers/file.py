@@ -50,16 +50,14 @@ def _flock(kind: int, start: int) -> bytes:
 def _lock_test(fd: int, byte: int) -> bool:
     """True when another open file description holds a lock on *byte*."""
     res = fcntl.fcntl(fd, _F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
-    return struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK
+    return bool(struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK)
 
 
 def _lock_set(fd: int, byte: int, kind: int) -> None:
     fcntl.fcntl(fd, _F_OFD_SETLK, _flock(kind, byte))
 
 
-def _open_blocking(
-    path: str, flags: int, ro: bool, auto_ro: bool
-) -> tuple[int, bool, int, bool]:
+def _open_blocking(path: str, flags: int, ro: bool, auto_ro: bool) -> tuple[int, bool, int, bool]:
     """Open *path* (falling back to read-only when ``auto-read-only`` allows) and return
     ``(fd, read_only, length, hole_free)``; errors carry QEMU's "Could not open" text."""
     try:

@@ -3,12 +3,15 @@ an ``offset``/``size`` window."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockd.block.driver import BlockDriver, WriteFlags, register_driver
 from blockd.block.perm import ChildRole
 from blockd.block.status import Extent
 from blockd.errors import QmpError
+
+if TYPE_CHECKING:
+    from blockd.block.node import BlockNode
 
 
 @register_driver
@@ -22,7 +25,7 @@ class RawDriver(BlockDriver):
         self.size: int | None = None
 
     @property
-    def child(self) -> Any:
+    def child(self) -> BlockNode:
         return self.node.children["file"].node
 
     async def open(self, options: Any, graph: Any) -> None:

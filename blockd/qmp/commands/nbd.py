@@ -58,8 +58,7 @@ async def qmp_nbd_server_start(ctx: Context, args: NbdServerStartArgs) -> None:
         # No object-add in blockd, so no credentials object can exist: QSD's own text, with
         # the reason spelled out.
         raise QmpError(
-            f"No TLS credentials with id '{args.tls_creds}' "
-            "(blockd does not support NBD over TLS)"
+            f"No TLS credentials with id '{args.tls_creds}' (blockd does not support NBD over TLS)"
         )
     if args.tls_authz is not None:
         log.warning("nbd-server-start: tls-authz without tls-creds is ignored (as QSD does)")

@@ -29,7 +29,7 @@ from blockd.bitmap.dirty import DirtyBitmap, release
 from blockd.bitmap.hbitmap import HBitmap
 from blockd.block.driver import driver_class
 from blockd.block.drivers.qcow2.driver import probe_format
-from blockd.block.graph import BlockGraph, _all_descendants
+from blockd.block.graph import _all_descendants
 from blockd.block.node import BlockNode
 from blockd.block.snapshot import ExternalSnapshot
 from blockd.errors import QmpError
@@ -164,13 +164,12 @@ class _BitmapContentsAction(Action):
 
     saved: tuple[DirtyBitmap, HBitmap] | None = None
 
-    @staticmethod
-    def change(graph: BlockGraph, data: Any) -> tuple[DirtyBitmap, HBitmap]:
+    def change(self) -> tuple[DirtyBitmap, HBitmap]:
         raise NotImplementedError
 
     async def prepare(self) -> None:
         await super().prepare()
-        self.saved = self.change(self.graph, self.data)
+        self.saved = self.change()
 
     async def abort(self) -> None:
         if self.saved is not None:
@@ -179,7 +178,8 @@ class _BitmapContentsAction(Action):
 
 
 class BitmapClearAction(_BitmapContentsAction):
-    change = staticmethod(bmc.bitmap_clear_prepare)
+    def change(self) -> tuple[DirtyBitmap, HBitmap]:
+        return bmc.bitmap_clear_prepare(self.graph, self.data)
 
 
 class BitmapEnableAction(Action):
@@ -201,7 +201,8 @@ class BitmapDisableAction(BitmapEnableAction):
 
 
 class BitmapMergeAction(_BitmapContentsAction):
-    change = staticmethod(bmc.bitmap_merge_prepare)
+    def change(self) -> tuple[DirtyBitmap, HBitmap]:
+        return bmc.bitmap_merge_prepare(self.graph, self.data)
 
 
 def _drain_node_blips(state: TxnState, node: BlockNode) -> None:

@@ -154,9 +154,7 @@ def _entry_ok(e: DirEntry, type_: int, cluster_size: int, length: int) -> bool:
     return bool(e.flags & FLAG_IN_USE) or length <= (phys * 8) << e.granularity_bits
 
 
-def parse_directory(
-    buf: bytes, nb_bitmaps: int, cluster_size: int, length: int
-) -> list[DirEntry]:
+def parse_directory(buf: bytes, nb_bitmaps: int, cluster_size: int, length: int) -> list[DirEntry]:
     """Entries of a bitmap directory, validated as QEMU's bitmap_list_load does (its texts)."""
     out: list[DirEntry] = []
     pos = 0
@@ -189,8 +187,13 @@ def pack_directory(entries: list[DirEntry]) -> bytes:
     for e in entries:
         name = _name_bytes(e.name)
         out += _ENTRY.pack(
-            e.table_offset, e.table_size, e.flags, TYPE_DIRTY_TRACKING, e.granularity_bits,
-            len(name), 0,
+            e.table_offset,
+            e.table_size,
+            e.flags,
+            TYPE_DIRTY_TRACKING,
+            e.granularity_bits,
+            len(name),
+            0,
         )
         out += name
         out += bytes(-len(out) % 8)
@@ -279,7 +282,10 @@ class BitmapStore:
                     raise QmpError(f"Bitmap already exists: {e.name}")
                 in_use = bool(e.flags & FLAG_IN_USE)
                 bm = load_bitmap(
-                    node, e.name, e.granularity, None if in_use else await self._read_bits(e),
+                    node,
+                    e.name,
+                    e.granularity,
+                    None if in_use else await self._read_bits(e),
                     disabled=not e.flags & FLAG_AUTO,
                     inconsistent=in_use,
                     readonly=node.read_only,
@@ -418,8 +424,12 @@ class BitmapStore:
 
     def _to_store(self) -> list[DirtyBitmap]:
         return [
-            bm for bm in bitmaps_of(self.drv.node)
-            if bm.persistent and bm.name and not bm.inconsistent and not bm.readonly
+            bm
+            for bm in bitmaps_of(self.drv.node)
+            if bm.persistent
+            and bm.name
+            and not bm.inconsistent
+            and not bm.readonly
             and not bm.skip_store
         ]
 
@@ -495,8 +505,14 @@ class BitmapStore:
                     if off:
                         drv._queue_free(off, cs)
             raise
-        return DirEntry(bm.name or "", toff, nsize, FLAG_AUTO if auto else 0,
-                        bm.granularity.bit_length() - 1, table)
+        return DirEntry(
+            bm.name or "",
+            toff,
+            nsize,
+            FLAG_AUTO if auto else 0,
+            bm.granularity.bit_length() - 1,
+            table,
+        )
 
     async def _write_new(self, data: bytes) -> int:
         """*data* to freshly allocated clusters (zero-padded to whole clusters); returns

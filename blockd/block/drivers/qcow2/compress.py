@@ -72,7 +72,7 @@ def decompress(compression_type: int, data: bytes | bytearray | memoryview, out_
             raise OSError(errno.ENOTSUP, "zstd not available")
         try:
             dctx = _zstd_mod.ZstdDecompressor()
-            out = dctx.decompressobj().decompress(bytes(data))
+            out: bytes = dctx.decompressobj().decompress(bytes(data))
         except Exception as exc:
             raise OSError(errno.EIO, f"qcow2: bad zstd cluster: {exc}") from None
         out = out[:out_len]
@@ -96,6 +96,7 @@ def compress(compression_type: int, data: bytes | bytearray | memoryview) -> byt
     it. zstd: one frame at the default level.
     """
     limit = len(data) - 1
+    out: bytes
     if compression_type == COMPRESSION_ZSTD:
         if _zstd_mod is None:  # pragma: no cover - refused at open
             raise OSError(errno.ENOTSUP, "zstd not available")

@@ -40,18 +40,13 @@ def _validate(options: Any) -> tuple[int, int, int, int, str]:
         raise QmpError("Image size must be a multiple of 512 bytes")
     version = 2 if _enum_value(options.version) == "v2" else 3
     cluster_size = 65536 if options.cluster_size is None else options.cluster_size
-    if (
-        cluster_size < 512
-        or cluster_size > 2 * 1024 * 1024
-        or cluster_size & (cluster_size - 1)
-    ):
+    if cluster_size < 512 or cluster_size > 2 * 1024 * 1024 or cluster_size & (cluster_size - 1):
         raise QmpError("Cluster size must be a power of two between 512 and 2048k")
     extended_l2 = bool(options.extended_l2)
     prealloc = str(_enum_value(options.preallocation) or "off")
     if options.backing_file and prealloc != "off" and not extended_l2:
         raise QmpError(
-            "Backing file and preallocation can only be used at the same time if extended_l2 "
-            "is on"
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on"
         )
     if options.backing_fmt is not None and not options.backing_file:
         raise QmpError("Backing format cannot be used without backing file")
@@ -72,8 +67,8 @@ def _validate(options: Any) -> tuple[int, int, int, int, str]:
         if options.data_file is None:
             raise QmpError("'data-file-raw' requires 'data-file'")
         raise QmpError("blockd does not support qcow2 external data files ('data-file')")
-    ctype = COMPRESSION_ZSTD if _enum_value(options.compression_type) == "zstd" else (
-        COMPRESSION_ZLIB
+    ctype = (
+        COMPRESSION_ZSTD if _enum_value(options.compression_type) == "zstd" else (COMPRESSION_ZLIB)
     )
     if version < 3 and ctype != COMPRESSION_ZLIB:
         raise QmpError(
@@ -83,8 +78,7 @@ def _validate(options: Any) -> tuple[int, int, int, int, str]:
     if extended_l2:
         if cluster_size < 16384:
             raise QmpError(
-                "Extended L2 entries are only supported with cluster sizes of at least "
-                "16384 bytes"
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
             )
         raise QmpError("blockd does not support qcow2 extended L2 entries (subclusters)")
     if ctype == COMPRESSION_ZSTD:
@@ -106,8 +100,9 @@ async def create_image(options: Any, graph: BlockGraph) -> None:
         file_node = await graph.open_node(options.file)
         temp_file = True
     try:
-        await _write_skeleton(file_node, version, cluster_bits, refcount_order, ctype,
-                              bool(options.lazy_refcounts))
+        await _write_skeleton(
+            file_node, version, cluster_bits, refcount_order, ctype, bool(options.lazy_refcounts)
+        )
         hdr = await _grow_and_finish(file_node, graph, options.size, prealloc)
         hdr.version = version
         hdr.compression_type = ctype
@@ -133,16 +128,30 @@ async def create_image(options: Any, graph: BlockGraph) -> None:
 
 
 async def _write_skeleton(
-    file_node: BlockNode, version: int, cluster_bits: int, refcount_order: int, ctype: int,
+    file_node: BlockNode,
+    version: int,
+    cluster_bits: int,
+    refcount_order: int,
+    ctype: int,
     lazy: bool,
 ) -> None:
     """Header, refcount table and one refcount block counting those three clusters."""
     cs = 1 << cluster_bits
     hdr = Qcow2Header(
-        version=3, backing_file_offset=0, backing_file_size=0, cluster_bits=cluster_bits,
-        size=0, crypt_method=0, l1_size=0, l1_table_offset=0, refcount_table_offset=cs,
-        refcount_table_clusters=1, nb_snapshots=0, snapshots_offset=0,
-        refcount_order=refcount_order, header_length=V3_HEADER_LEN_WRITTEN,
+        version=3,
+        backing_file_offset=0,
+        backing_file_size=0,
+        cluster_bits=cluster_bits,
+        size=0,
+        crypt_method=0,
+        l1_size=0,
+        l1_table_offset=0,
+        refcount_table_offset=cs,
+        refcount_table_clusters=1,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        refcount_order=refcount_order,
+        header_length=V3_HEADER_LEN_WRITTEN,
         compression_type=ctype,
         incompatible_features=INCOMPAT_COMPRESSION if ctype != COMPRESSION_ZLIB else 0,
         compatible_features=COMPAT_LAZY_REFCOUNTS if lazy else 0,

@@ -231,9 +231,7 @@ class Qcow2Driver(BlockDriver):
                 or c in self._other_meta
                 or c in l1
             ):
-                raise OSError(
-                    errno.EIO, f"qcow2: data write to host cluster {c} overlaps metadata"
-                )
+                raise OSError(errno.EIO, f"qcow2: data write to host cluster {c} overlaps metadata")
 
     # -- open / close --------------------------------------------------------------------------
     async def open(self, options: Any, graph: BlockGraph) -> None:
@@ -273,13 +271,22 @@ class Qcow2Driver(BlockDriver):
             # QEMU: enough to cover the whole image, at most 32 MiB.
             l2_bytes = min(32 * MiB, max(hdr.l1_size, 1) * cs)
         self.refcounts = RefcountManager(
-            self, hdr.cluster_bits, hdr.refcount_order, hdr.refcount_table_offset,
-            hdr.refcount_table_clusters, rc_cache,
+            self,
+            hdr.cluster_bits,
+            hdr.refcount_order,
+            hdr.refcount_table_offset,
+            hdr.refcount_table_clusters,
+            rc_cache,
         )
         await self.refcounts.load()
         self.map = ClusterMap(
-            self, hdr.cluster_bits, hdr.l1_size, hdr.l1_table_offset, self.refcounts,
-            max(2, l2_bytes // cs), self._queue_free,
+            self,
+            hdr.cluster_bits,
+            hdr.l1_size,
+            hdr.l1_table_offset,
+            self.refcounts,
+            max(2, l2_bytes // cs),
+            self._queue_free,
         )
         await self.map.load()
 
@@ -380,9 +387,7 @@ class Qcow2Driver(BlockDriver):
             return name
         base = getattr(self.file.driver, "path", None)
         if not base:
-            raise QmpError(
-                f"Cannot use relative backing file names for '{self.file.filename}'"
-            )
+            raise QmpError(f"Cannot use relative backing file names for '{self.file.filename}'")
         return os.path.join(os.path.dirname(base), name)
 
     @property
@@ -737,8 +742,10 @@ class Qcow2Driver(BlockDriver):
                 if n == 0:  # the first table: the leading cluster decides the kind of run
                     inplace = writable_in_place(ents[0])
                     ents_host = ents[0] & L2E_OFFSET_MASK
-                while n < len(ents) and writable_in_place(ents[n]) == inplace and (
-                    not inplace or (ents[n] & L2E_OFFSET_MASK) == ents_host + n * cs
+                while (
+                    n < len(ents)
+                    and writable_in_place(ents[n]) == inplace
+                    and (not inplace or (ents[n] & L2E_OFFSET_MASK) == ents_host + n * cs)
                 ):
                     n += 1
                 if n < len(ents):
@@ -1041,7 +1048,9 @@ class Qcow2Driver(BlockDriver):
             return OFLAG_ZERO if v3 else 0
 
         await self._rewrite_entries(
-            a0 >> self.cluster_bits, a1 >> self.cluster_bits, discarded,
+            a0 >> self.cluster_bits,
+            a1 >> self.cluster_bits,
+            discarded,
             skip_missing_table=lambda: not (v3 and self.node.backing is not None),
         )
 
@@ -1111,16 +1120,20 @@ class Qcow2Driver(BlockDriver):
         if kind == ZERO_ALLOC:
             host = (e0 & L2E_OFFSET_MASK) + within
             return Extent(
-                offset, length,
+                offset,
+                length,
                 BlockStatus.ZERO | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
-                map_node=self.file, map_offset=host,
+                map_node=self.file,
+                map_offset=host,
             )
         if kind == COMPRESSED:
             return Extent(offset, length, BlockStatus.DATA | BlockStatus.ALLOCATED)
         return Extent(
-            offset, length,
+            offset,
+            length,
             BlockStatus.DATA | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
-            map_node=self.file, map_offset=(e0 & L2E_OFFSET_MASK) + within,
+            map_node=self.file,
+            map_offset=(e0 & L2E_OFFSET_MASK) + within,
         )
 
     # -- resize --------------------------------------------------------------------------------
@@ -1207,8 +1220,11 @@ class Qcow2Driver(BlockDriver):
                 # QEMU's bdrv_refresh_filename: options that change what the image means
                 # (here: no backing file) make the filename a json: description.
                 return "json:" + json.dumps(
-                    {"backing": None, "driver": "qcow2",
-                     "file": {"driver": "file", "filename": name}}
+                    {
+                        "backing": None,
+                        "driver": "qcow2",
+                        "file": {"driver": "file", "filename": name},
+                    }
                 )
             return name
         return super().filename()
@@ -1228,8 +1244,11 @@ class Qcow2Driver(BlockDriver):
                 "extended-l2": False,
             }
         else:
-            data = {"compat": "0.10", "compression-type": "zlib",
-                    "refcount-bits": hdr.refcount_bits}
+            data = {
+                "compat": "0.10",
+                "compression-type": "zlib",
+                "refcount-bits": hdr.refcount_bits,
+            }
         if hdr.version >= 3 and self.bitmaps.entries:
             data["bitmaps"] = self.bitmaps.info()
         info: dict[str, Any] = {

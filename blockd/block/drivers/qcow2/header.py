@@ -151,16 +151,28 @@ class Qcow2Header:
     def pack_fixed(self) -> bytes:
         """The fixed header fields (72 bytes for v2, header_length bytes for v3)."""
         head = _V2.pack(
-            MAGIC, self.version, self.backing_file_offset, self.backing_file_size,
-            self.cluster_bits, self.size, self.crypt_method, self.l1_size,
-            self.l1_table_offset, self.refcount_table_offset, self.refcount_table_clusters,
-            self.nb_snapshots, self.snapshots_offset,
+            MAGIC,
+            self.version,
+            self.backing_file_offset,
+            self.backing_file_size,
+            self.cluster_bits,
+            self.size,
+            self.crypt_method,
+            self.l1_size,
+            self.l1_table_offset,
+            self.refcount_table_offset,
+            self.refcount_table_clusters,
+            self.nb_snapshots,
+            self.snapshots_offset,
         )
         if self.version < 3:
             return head
         tail = _V3.pack(
-            self.incompatible_features, self.compatible_features, self.autoclear_features,
-            self.refcount_order, self.header_length,
+            self.incompatible_features,
+            self.compatible_features,
+            self.autoclear_features,
+            self.refcount_order,
+            self.header_length,
         )
         out = bytearray(head + tail)
         if self.header_length > V3_HEADER_LEN:
@@ -215,8 +227,21 @@ def parse_header(buf: bytes) -> Qcow2Header:
     if len(buf) < V2_HEADER_LEN:
         raise QmpError("Image is not in qcow2 format")
     fields = _V2.unpack_from(buf, 0)
-    (magic, version, bf_off, bf_size, cluster_bits, size, crypt, l1_size, l1_off,
-     rt_off, rt_clusters, nb_snap, snap_off) = fields
+    (
+        magic,
+        version,
+        bf_off,
+        bf_size,
+        cluster_bits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snap,
+        snap_off,
+    ) = fields
     if magic != MAGIC:
         raise QmpError("Image is not in qcow2 format")
     if version < 2 or version > 3:
@@ -224,8 +249,18 @@ def parse_header(buf: bytes) -> Qcow2Header:
     if cluster_bits < MIN_CLUSTER_BITS or cluster_bits > MAX_CLUSTER_BITS:
         raise QmpError(f"Unsupported cluster size: 2^{cluster_bits}")
     hdr = Qcow2Header(
-        version, bf_off, bf_size, cluster_bits, size, crypt, l1_size, l1_off, rt_off,
-        rt_clusters, nb_snap, snap_off,
+        version,
+        bf_off,
+        bf_size,
+        cluster_bits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snap,
+        snap_off,
     )
     cs = hdr.cluster_size
     if len(buf) < cs:
@@ -233,8 +268,13 @@ def parse_header(buf: bytes) -> Qcow2Header:
         # pads short reads), so a truncated image is judged on the same bytes QEMU sees.
         buf = bytes(buf) + bytes(cs - len(buf))
     if version >= 3:
-        (hdr.incompatible_features, hdr.compatible_features, hdr.autoclear_features,
-         hdr.refcount_order, hdr.header_length) = _V3.unpack_from(buf, V2_HEADER_LEN)
+        (
+            hdr.incompatible_features,
+            hdr.compatible_features,
+            hdr.autoclear_features,
+            hdr.refcount_order,
+            hdr.header_length,
+        ) = _V3.unpack_from(buf, V2_HEADER_LEN)
         if hdr.header_length < V3_HEADER_LEN:
             raise QmpError("qcow2 header too short")
         if hdr.header_length > cs:
@@ -265,8 +305,10 @@ def parse_header(buf: bytes) -> Qcow2Header:
         raise QmpError(f"Unsupported encryption method {hdr.crypt_method}")
     if hdr.extension(EXT_CRYPTO) is not None and hdr.crypt_method != 2:
         raise QmpError("CRYPTO header extension only expected with LUKS encryption method")
-    if (hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
-            and not hdr.incompatible_features & INCOMPAT_DATA_FILE):
+    if (
+        hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
+        and not hdr.incompatible_features & INCOMPAT_DATA_FILE
+    ):
         raise QmpError("data-file-raw requires a data file")
 
     # Refcount table (qcow2_validate_table: bound the size before trusting the offset).
@@ -274,13 +316,19 @@ def parse_header(buf: bytes) -> Qcow2Header:
         raise QmpError("Reference count table too large")
     if hdr.refcount_table_clusters == 0:
         raise QmpError("Image does not contain a reference count table")
-    _validate_table(hdr, hdr.refcount_table_offset, hdr.refcount_table_clusters * cs,
-                    "Reference count table")
+    _validate_table(
+        hdr, hdr.refcount_table_offset, hdr.refcount_table_clusters * cs, "Reference count table"
+    )
     # Snapshot table: its offset is checked even when there are no snapshots.
     if hdr.nb_snapshots > MAX_SNAPSHOTS:
         raise QmpError("Snapshot table too large")
-    _validate_table(hdr, hdr.snapshots_offset, hdr.nb_snapshots * 40, "Snapshot table",
-                    allow_zero=not hdr.nb_snapshots)
+    _validate_table(
+        hdr,
+        hdr.snapshots_offset,
+        hdr.nb_snapshots * 40,
+        "Snapshot table",
+        allow_zero=not hdr.nb_snapshots,
+    )
     # L1 table.
     if hdr.l1_size > MAX_L1_BYTES // 8:
         raise QmpError("Active L1 table too large")
@@ -292,8 +340,9 @@ def parse_header(buf: bytes) -> Qcow2Header:
         raise QmpError("Image is too big")
     if hdr.l1_size < need:
         raise QmpError("L1 table is too small")
-    _validate_table(hdr, hdr.l1_table_offset, hdr.l1_size * 8, "Active L1 table",
-                    allow_zero=not hdr.l1_size)
+    _validate_table(
+        hdr, hdr.l1_table_offset, hdr.l1_size * 8, "Active L1 table", allow_zero=not hdr.l1_size
+    )
 
     if hdr.backing_file_offset:
         if hdr.backing_file_size > MAX_BACKING_NAME or (

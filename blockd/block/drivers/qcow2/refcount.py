@@ -37,8 +37,9 @@ class RefcountIO(MetadataIO, Protocol):
     async def write_header(self, offset: int, data: bytes) -> None: ...
 
 
-def _accessors(order: int) -> tuple[Callable[[bytearray, int], int],
-                                     Callable[[bytearray, int, int], None]]:
+def _accessors(
+    order: int,
+) -> tuple[Callable[[bytearray, int], int], Callable[[bytearray, int, int], None]]:
     """get(block, index) and set(block, index, value) for one refcount width."""
     if order == 4:
         h = struct.Struct(">H")
