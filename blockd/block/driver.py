@@ -159,6 +159,27 @@ class BlockDriver:
     def on_child_replaced(self, child: BdrvChild) -> None:
         """A child edge now points to another node (snapshot or pivot below us)."""
 
+    # -- the protocol layer (see blockd.block.probe) ------------------------------------------
+    @classmethod
+    def probe(cls, buf: bytes, filename: str) -> int:
+        """How sure this format is that an image starting with *buf* is its own (QEMU's
+        bdrv_probe: 0 no, 100 a magic number matched)."""
+        return 0
+
+    def sibling(self, name: str) -> tuple[str, dict[str, Any]] | None:
+        """Protocol drivers: the full name and blockdev options of the file *name* (absolute
+        or relative to this node's file) on the same storage, or None when this protocol has
+        no notion of a neighbouring file (nbd). Nodes above a file (formats, filters) ask
+        it, as QEMU's bdrv_dirname recurses into ``bs->file``."""
+        below = self.node.file
+        return below.driver.sibling(name) if below is not None else None
+
+    def identity(self) -> str:
+        """A name that is equal for two nodes on the same file (loop detection in chains
+        opened from image headers)."""
+        below = self.node.file
+        return below.driver.identity() if below is not None else self.filename()
+
 
 _DRIVERS: dict[str, type[BlockDriver]] = {}
 
@@ -171,6 +192,11 @@ def register_driver(cls: type[BlockDriver]) -> type[BlockDriver]:
 def driver_class(name: str) -> type[BlockDriver] | None:
     _load_builtin_drivers()
     return _DRIVERS.get(name)
+
+
+def all_drivers() -> list[type[BlockDriver]]:
+    _load_builtin_drivers()
+    return list(_DRIVERS.values())
 
 
 _loaded = False

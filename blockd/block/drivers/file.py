@@ -146,6 +146,7 @@ class FileDriver(BlockDriver):
         self._locking = True
         self._held: tuple[Perm, Perm] = (Perm(0), Perm(0))
         self._zero_range_ok = True
+        self._realpath = ""
 
     async def open(self, options: Any, graph: Any) -> None:
         self.path = options.filename
@@ -157,9 +158,17 @@ class FileDriver(BlockDriver):
         self.fd, self.node.read_only, self._length, self._dense = await run_blocking(
             _open_blocking, self.path, flags, self.node.read_only, self.node.auto_read_only
         )
+        self._realpath = await run_blocking(os.path.realpath, self.path)
         if self.node.cache_direct:
             self.limits.request_alignment = 4096 if self._probe_direct_4k() else 512
         self.limits.max_transfer = 0
+
+    def sibling(self, name: str) -> tuple[str, dict[str, Any]]:
+        full = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
+        return full, {"driver": "file", "filename": full}
+
+    def identity(self) -> str:
+        return self._realpath or self.path
 
     def _probe_direct_4k(self) -> bool:
         return True

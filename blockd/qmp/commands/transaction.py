@@ -28,9 +28,9 @@ from typing import Any, ClassVar
 from blockd.bitmap.dirty import DirtyBitmap, release
 from blockd.bitmap.hbitmap import HBitmap
 from blockd.block.driver import driver_class
-from blockd.block.drivers.qcow2.driver import probe_format
 from blockd.block.graph import _all_descendants
 from blockd.block.node import BlockNode
+from blockd.block.probe import probe_format
 from blockd.block.snapshot import ExternalSnapshot
 from blockd.errors import QmpError
 from blockd.job.backup import BackupJob, BackupParams, create_backup_job
@@ -284,7 +284,7 @@ class DriveBackupAction(BlockdevBackupAction):
             assert fmt is not None
             await _create_image(graph, args.target, fmt, source.length, backing)
         if fmt is None:
-            fmt = await probe_format(args.target)  # QEMU probes; qcow2 or raw
+            fmt = await probe_format(graph, {"driver": "file", "filename": args.target})
         opts: dict[str, Any] = {"driver": fmt, "discard": "unmap", "detect-zeroes": "unmap"}
         if fmt == "file":
             opts["filename"] = args.target

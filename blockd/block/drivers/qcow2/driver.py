@@ -24,11 +24,9 @@ The dirty bit is never set: refcounts are always kept exact (no lazy refcounts).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import errno
 import json
 import logging
-import os
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -67,6 +65,7 @@ from blockd.block.drivers.qcow2.header import (
 )
 from blockd.block.drivers.qcow2.refcount import RefcountManager
 from blockd.block.perm import ChildRole
+from blockd.block.probe import chain_key, opening_chain, probe_format, sibling
 from blockd.block.status import BlockStatus, Extent
 from blockd.errors import QmpError
 from blockd.io.pool import run_blocking
@@ -85,11 +84,6 @@ _MAX_STEP_CLUSTERS = 8192
 #: At most this many guest bytes per compressed write step (one compression hop, one data
 #: write per contiguous host run, one L2 update).
 _MAX_COMPRESSED_STEP = 4 * MiB
-#: Backing files currently being opened up this chain (loop and depth guard).
-_opening_chain: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
-    "qcow2_opening_chain", default=()
-)
-_MAX_CHAIN = 64
 #: QEMU's BDRV_MAX_LENGTH: no request may reach past it (a bitmap table offset of 2^63 + x
 #: in a hostile directory is an I/O error there, not a table of zeroes).
 _MAX_FILE_END = (1 << 63) - (1 << 30)
@@ -114,6 +108,10 @@ class Qcow2Driver(BlockDriver):
     supports_backing = True
     can_create = True
     supports_compressed_writes = True
+
+    @classmethod
+    def probe(cls, buf: bytes, filename: str) -> int:
+        return 100 if len(buf) >= 4 and struct.unpack_from(">I", buf)[0] == MAGIC else 0
 
     def __init__(self, node: BlockNode) -> None:
         super().__init__(node)
@@ -332,9 +330,9 @@ class Qcow2Driver(BlockDriver):
             )
 
     async def _open_backing(self, options: Any, graph: BlockGraph) -> None:
-        if self.backing_file_name and "file" in self.node.children:
+        if self.backing_file_name and self.file is not None:
             try:
-                self.full_backing_file_name = self._resolve_backing(self.backing_file_name)
+                self.full_backing_file_name = sibling(self.file, self.backing_file_name)[0]
             except QmpError:
                 self.full_backing_file_name = None
         if "backing" in options.model_fields_set:
@@ -351,44 +349,26 @@ class Qcow2Driver(BlockDriver):
                 raise QmpError(f"Could not open backing file: {exc.desc}") from None
             return
         name = self.backing_file_name
-        if not name:
+        if not name or self.file is None:
             return
-        path = self._resolve_backing(name)
-        self.full_backing_file_name = path
-        chain = _opening_chain.get()
-        real = await run_blocking(os.path.realpath, path)
-        own = await run_blocking(os.path.realpath, str(self.file.filename))
-        if real in chain or real == own or len(chain) >= _MAX_CHAIN:
-            raise QmpError(
-                f"Could not open backing file: backing chain loops or is too deep at '{path}'"
-            )
-        fmt = self.backing_format or await probe_format(path)
+        full, file_opts = sibling(self.file, name)
         from blockd.qapi.base import ArgsValidator
         from blockd.qapi.block import BlockdevOptions
 
-        token = _opening_chain.set((*chain, own))
-        try:
+        with opening_chain(chain_key(self.file), full):
+            fmt = self.backing_format or await probe_format(graph, file_opts)
             try:
-                opts = ArgsValidator(BlockdevOptions).validate(
-                    {"driver": fmt, "file": {"driver": "file", "filename": path}}
+                try:
+                    opts = ArgsValidator(BlockdevOptions).validate(
+                        {"driver": fmt, "file": file_opts}
+                    )
+                except QmpError:
+                    raise QmpError(f"Unknown driver '{fmt}'") from None
+                await graph.open_child(
+                    self.node, opts, "backing", ChildRole.backing(), inherit_read_only=True
                 )
-            except QmpError:
-                raise QmpError(f"Unknown driver '{fmt}'") from None
-            await graph.open_child(
-                self.node, opts, "backing", ChildRole.backing(), inherit_read_only=True
-            )
-        except QmpError as exc:
-            raise QmpError(f"Could not open backing file: {exc.desc}") from None
-        finally:
-            _opening_chain.reset(token)
-
-    def _resolve_backing(self, name: str) -> str:
-        if os.path.isabs(name):
-            return name
-        base = getattr(self.file.driver, "path", None)
-        if not base:
-            raise QmpError(f"Cannot use relative backing file names for '{self.file.filename}'")
-        return os.path.join(os.path.dirname(base), name)
+            except QmpError as exc:
+                raise QmpError(f"Could not open backing file: {exc.desc}") from None
 
     @property
     def backing_disabled(self) -> bool:
@@ -1346,20 +1326,3 @@ async def _read_zero_padded(
         return await node.read(offset, nbytes)
     head = await node.read(offset, length - offset)
     return bytes(head) + bytes(nbytes - (length - offset))
-
-
-async def probe_format(path: str) -> str:
-    """qcow2 or raw, by the magic at the start of *path* (QEMU's bdrv_probe_all, the two
-    formats blockd has)."""
-
-    def peek() -> bytes:
-        with open(path, "rb") as f:
-            return f.read(4)
-
-    try:
-        magic = await run_blocking(peek)
-    except (OSError, ValueError):
-        return "raw"  # let the file driver report why it cannot be opened
-    if len(magic) == 4 and struct.unpack(">I", magic)[0] == MAGIC:
-        return "qcow2"
-    return "raw"
