@@ -57,6 +57,7 @@ class Daemon:
         try:
             for spec in blockdevs or []:
                 await self.add_blockdev(spec)
+            self.qmp.ready.set()
             await self._quit.wait()
         finally:
             await self.shutdown()
