@@ -8,13 +8,15 @@ as long as something refers to them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 from blockd.block.driver import BlockDriver, driver_class
-from blockd.block.node import BdrvChild, BlockNode
+from blockd.block.node import BdrvChild, BlockNode, inside_graph, leave_graph
 from blockd.block.perm import ChildRole, PermUpdate, perm_update, refresh, release_perms
 from blockd.errors import QmpError
 
@@ -189,7 +191,41 @@ class BlockGraph:
             refresh([node], upd)
         return edge
 
+    def check_chain_not_frozen(self, top: BlockNode, base: BlockNode | None) -> None:
+        """No backing or filter link from *top* down to *base* may be frozen (QEMU's
+        bdrv_is_backing_chain_frozen, with its text)."""
+        cur: BlockNode | None = top
+        while cur is not None and cur is not base:
+            edge = _filter_or_cow_child(cur)
+            if edge is None:
+                return
+            if edge.frozen:
+                raise QmpError(
+                    f"Cannot change '{edge.name}' link from '{cur.node_name}' to "
+                    f"'{edge.node.node_name}'"
+                )
+            cur = edge.node
+
+    def freeze_chain(self, top: BlockNode, base: BlockNode | None, frozen: bool) -> None:
+        """Freeze (or thaw) the backing and filter links from *top* down to *base*: what a
+        stream or commit works on cannot be changed under it (QEMU's
+        bdrv_freeze_backing_chain). Checks first, so freezing is all or nothing."""
+        if frozen:
+            self.check_chain_not_frozen(top, base)
+        cur: BlockNode | None = top
+        while cur is not None and cur is not base:
+            edge = _filter_or_cow_child(cur)
+            if edge is None:
+                return
+            edge.frozen = frozen
+            cur = edge.node
+
     async def detach(self, edge: BdrvChild) -> None:
+        if edge.frozen:
+            raise QmpError(
+                f"Cannot change frozen '{edge.name}' link from '{_parent_name(edge)}' to "
+                f"'{edge.node.node_name}'"
+            )
         parent = edge.parent
         if isinstance(parent, BlockNode) and parent.children.get(edge.name) is edge:
             del parent.children[edge.name]
@@ -262,10 +298,7 @@ class BlockGraph:
         moving = [e for e in old.parents if e not in keep and e.parent not in below_new]
         for edge in moving:
             if edge.frozen:
-                raise QmpError(
-                    f"Cannot change '{edge.name}' link from '{_parent_name(edge)}' to "
-                    f"'{old.node_name}'"
-                )
+                raise QmpError(f"Cannot change '{edge.name}' link to '{old.node_name}'")
         old_parents, new_parents = list(old.parents), list(new.parents)
         with perm_update(update) as upd:
             for edge in moving:
@@ -289,6 +322,40 @@ class BlockGraph:
                 hook = getattr(parent, "on_node_replaced", None)
                 if hook is not None:
                     hook(edge, old, new)
+
+    # -- quiescing -----------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def drained(self, *nodes: BlockNode) -> AsyncIterator[None]:
+        """A section in which no new request from outside reaches *nodes* (QEMU's
+        bdrv_drained_begin/end): requests entering at the nodes or anywhere above them
+        (exports, jobs) wait at the node where they enter, and the section begins once the
+        requests in flight at that moment have finished. Requests that arrive meanwhile are
+        not waited for, so steady I/O cannot starve the caller. The caller's own requests
+        (a flush, a reopen writing metadata) pass.
+
+        Every graph change that moves edges under running I/O (snapshot, pivot, reopen,
+        block_resize, backing change) runs inside one.
+        """
+        closure: list[BlockNode] = []
+        todo = list(nodes)
+        while todo:
+            n = todo.pop()
+            if n in closure:
+                continue
+            closure.append(n)
+            todo.extend(e.parent for e in n.parents if isinstance(e.parent, BlockNode))
+        for n in closure:
+            n.begin_quiesce()
+        token = inside_graph()
+        try:
+            waits = [ev for n in closure for ev in n.in_flight_events()]
+            for ev in waits:
+                await ev.wait()
+            yield
+        finally:
+            leave_graph(token)
+            for n in closure:
+                n.end_quiesce()
 
     # -- filters -------------------------------------------------------------------------
     def new_filter(self, cls: type[BlockDriver], name: str | None) -> BlockNode:
@@ -361,6 +428,15 @@ class BlockGraph:
             except Exception as exc:
                 log.error("closing %s failed: %s", node.node_name, exc)
         self.nodes.clear()
+
+
+def _filter_or_cow_child(node: BlockNode) -> BdrvChild | None:
+    """The edge a chain walk follows from *node*: its filtered child, else its backing."""
+    if node.driver.is_filter:
+        for edge in node.children.values():
+            if edge.role & ChildRole.FILTERED:
+                return edge
+    return node.children.get("backing")
 
 
 def _parent_name(edge: BdrvChild) -> str:

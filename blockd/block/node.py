@@ -9,6 +9,7 @@ so none of those rules can be bypassed by a driver or a caller.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import json
 import logging
@@ -34,6 +35,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ZERO = bytes(1024 * 1024)
+
+#: Set while a task works inside the graph: a node's driver calling its children, or the
+#: code that holds a drained section. Such requests pass quiesced nodes (QEMU stops only
+#: the external sources of requests, BlockBackends and jobs, during a drain); a request that
+#: enters the graph from outside (an export, a job's copy loop) waits at a quiesced node.
+_INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("blockd_inside", default=False)
+
+
+def inside_graph() -> contextvars.Token[bool]:
+    """Mark the current task as working inside the graph (see :data:`_INSIDE`)."""
+    return _INSIDE.set(True)
+
+
+def leave_graph(token: contextvars.Token[bool]) -> None:
+    _INSIDE.reset(token)
 
 
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
@@ -176,6 +192,7 @@ class _Req:
     write: bool
     serialising: bool
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    token: contextvars.Token[bool] | None = None
 
 
 class BlockNode:
@@ -203,6 +220,10 @@ class BlockNode:
         #: Op blockers: owner -> reason ("block device is in use by block job: backup").
         self.blockers: dict[object, str] = {}
         self._reqs: list[_Req] = []
+        #: Drained sections holding this node (graph.drained): new external requests wait.
+        self.quiesce = 0
+        self._unquiesced = asyncio.Event()
+        self._unquiesced.set()
         self.closed = False
         self.write_threshold = 0
 
@@ -311,6 +332,8 @@ class BlockNode:
         a write follows every earlier overlapping write, and a serialising request (RMW,
         copy-before-write) excludes every overlapping request.
         """
+        while self.quiesce and not _INSIDE.get():
+            await self._unquiesced.wait()
         req = _Req(start, end, write, serialising)
         earlier = [
             r
@@ -320,6 +343,8 @@ class BlockNode:
             and (r.serialising or serialising or (write and r.write))
         ]
         self._reqs.append(req)
+        # From here on, what this request asks of children is inside the graph.
+        req.token = _INSIDE.set(True)
         for r in earlier:
             await r.done.wait()
         return req
@@ -327,15 +352,31 @@ class BlockNode:
     def _end(self, req: _Req) -> None:
         self._reqs.remove(req)
         req.done.set()
+        if req.token is not None:
+            _INSIDE.reset(req.token)
 
     @property
     def in_flight(self) -> int:
         return len(self._reqs)
 
+    def in_flight_events(self) -> list[asyncio.Event]:
+        """What to wait for so that every request in flight *now* has finished."""
+        return [r.done for r in self._reqs]
+
     async def drain(self) -> None:
-        """Wait until every request that is in flight now has finished."""
-        while self._reqs:
-            await self._reqs[-1].done.wait()
+        """Wait until every request that is in flight now has finished; requests that
+        arrive meanwhile are not waited for (a steady writer cannot starve the caller)."""
+        for done in self.in_flight_events():
+            await done.wait()
+
+    def begin_quiesce(self) -> None:
+        self.quiesce += 1
+        self._unquiesced.clear()
+
+    def end_quiesce(self) -> None:
+        self.quiesce -= 1
+        if not self.quiesce:
+            self._unquiesced.set()
 
     # -- the request path ----------------------------------------------------------------
     @property
@@ -469,6 +510,9 @@ class BlockNode:
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         self._check_write()
         old = self.length
+        # Only the requests in flight here are waited for: formats grow their file from
+        # inside a request, so a drained section (which waits for the parents too) would
+        # wait for the caller itself. block_resize quiesces the graph around this call.
         await self.drain()
         await self.driver.truncate(size, exact, prealloc)
         for bm in self.dirty_bitmaps:

@@ -175,13 +175,12 @@ class ExternalSnapshot:
         assert old is not None and new is not None
         self._old_read_only = old.read_only
         self._new_was_owned = new.monitor_owned
-        await old.drain()
-        await new.drain()
-        self.graph.attach(new, old, "backing", ChildRole.backing())
-        _backing_changed(new, old)
-        self.graph.replace(old, new)
-        new.monitor_owned = True
-        await reopen_read_only(old, True)
+        async with self.graph.drained(old, new):
+            self.graph.attach(new, old, "backing", ChildRole.backing())
+            _backing_changed(new, old)
+            self.graph.replace(old, new)
+            new.monitor_owned = True
+            await reopen_read_only(old, True)
         self._committed = True
 
     async def revert(self) -> None:
@@ -191,13 +190,13 @@ class ExternalSnapshot:
             return
         old, new = self.old, self.new
         assert old is not None and new is not None
-        await new.drain()
-        self.graph.replace(new, old)
-        edge = new.children.get("backing")
-        if edge is not None:
-            await self.graph.detach(edge)
-        _backing_changed(new, None)
-        await reopen_read_only(old, self._old_read_only)
+        async with self.graph.drained(old, new):
+            self.graph.replace(new, old)
+            edge = new.children.get("backing")
+            if edge is not None:
+                await self.graph.detach(edge)
+            _backing_changed(new, None)
+            await reopen_read_only(old, self._old_read_only)
         self._committed = False
         new.monitor_owned = self._new_was_owned
         if not self._existing:
