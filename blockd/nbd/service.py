@@ -19,8 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from blockd.errors import QmpError
+from blockd.io.paths import c_bytes
 from blockd.nbd.export import NbdExport
 from blockd.nbd.transmission import NbdConnection
+from blockd.net.sockets import UNIX_PATH_MAX, resolve
 
 log = logging.getLogger(__name__)
 
@@ -37,37 +39,38 @@ class NbdServer:
         self.max_connections = max_connections
         self.connections: set[NbdConnection] = set()
         self._socks: list[socket.socket] = []
-        self._unix_path: str | None = None
+        self._unix_path: bytes | None = None
         self._accepters: list[asyncio.Task[None]] = []
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._slot = asyncio.Event()
 
     # -- binding (QEMU's util/qemu-sockets.c texts) -----------------------------------------
-    def bind(self, addr: Any) -> None:
+    async def bind(self, addr: Any) -> None:
         kind = addr.type.value if hasattr(addr.type, "value") else str(addr.type)
         data = addr.data
         if kind == "unix":
             self._bind_unix(data.path, bool(data.abstract), data.tight is not False)
         elif kind == "inet":
-            self._bind_inet(data)
+            await self._bind_inet(data)
         elif kind == "vsock":
             self._bind_vsock(data.cid, data.port)
         else:
             raise QmpError("only QEMU supports file descriptor passing")
 
     def _bind_unix(self, path: str, abstract: bool, tight: bool) -> None:
-        if len(path.encode()) >= 108 - (1 if abstract else 0):
+        raw = c_bytes(path)
+        if len(raw) >= UNIX_PATH_MAX - (1 if abstract else 0):
             raise QmpError(f"UNIX socket path '{path}' is too long")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if abstract:
-                target: Any = b"\0" + path.encode()
+                target = b"\0" + raw
                 if not tight:
                     target = target.ljust(108, b"\0")
             else:
-                target = path
+                target = raw
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    os.unlink(raw)
             try:
                 sock.bind(target)
             except OSError as exc:
@@ -77,10 +80,10 @@ class NbdServer:
             sock.close()
             raise
         if not abstract:
-            self._unix_path = path
+            self._unix_path = raw
         self._socks.append(sock)
 
-    def _bind_inet(self, data: Any) -> None:
+    async def _bind_inet(self, data: Any) -> None:
         host, port = data.host, data.port
         family = socket.AF_UNSPEC
         if data.ipv4 and not data.ipv6:
@@ -88,9 +91,7 @@ class NbdServer:
         elif data.ipv6 and not data.ipv4:
             family = socket.AF_INET6
         try:
-            infos = socket.getaddrinfo(
-                host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-            )
+            infos = await resolve(host, port, family, socket.AI_PASSIVE)
         except socket.gaierror as exc:
             raise QmpError(f"address resolution failed for {host}:{port}: {exc.strerror}") from None
         last: OSError | None = None
@@ -224,7 +225,7 @@ class NbdService:
 
     async def start_server(self, addr: Any, max_connections: int) -> NbdServer:
         server = NbdServer(self, max_connections)
-        server.bind(addr)
+        await server.bind(addr)
         server.start()
         self.server = server
         return server
