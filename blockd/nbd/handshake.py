@@ -8,6 +8,7 @@ selected metadata contexts, the block size the client accepted) for the transmis
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
 
 #: Longest option payload accepted in the handshake; longer ones end the connection.
 MAX_OPTION_LENGTH = 64 * 1024
+#: A client that has not sent its flags after this long is dropped: a silent peer holds a
+#: connection slot for nothing (the whole handshake gets HANDSHAKE_TIMEOUT).
+SILENT_TIMEOUT = 5.0
 
 
 class Handshake:
@@ -53,7 +57,7 @@ class Handshake:
             + P.U16.pack(P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
         )
         await self.conn.drain()
-        (cflags,) = P.U32.unpack(await self._read(4))
+        (cflags,) = P.U32.unpack(await asyncio.wait_for(self._read(4), SILENT_TIMEOUT))
         if cflags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
             raise P.ProtocolError(f"unknown client flags {cflags:#x}")
         self.fixed = bool(cflags & P.FLAG_C_FIXED_NEWSTYLE)

@@ -15,19 +15,23 @@ import errno
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from blockd.errors import QmpError
 from blockd.io.paths import c_bytes
 from blockd.nbd.export import NbdExport
-from blockd.nbd.transmission import NbdConnection
+from blockd.nbd.transmission import TOTAL_INFLIGHT_BYTES, MemoryBudget, NbdConnection
 from blockd.net.sockets import UNIX_PATH_MAX, resolve
 
 log = logging.getLogger(__name__)
 
 #: Kernel socket buffer size asked for each connection (capped by net.core.*mem_max).
 SOCKET_BUFFER = 4 * 1024 * 1024
+#: While the server is full and a client waits, a connection negotiating for this long is
+#: dropped (a real client finishes the handshake in milliseconds).
+NEGOTIATION_GRACE = 2.0
 
 
 # -- listener ------------------------------------------------------------------------------------
@@ -43,6 +47,8 @@ class NbdServer:
         self._accepters: list[asyncio.Task[None]] = []
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._slot = asyncio.Event()
+        #: Bytes held by all connections together (see TOTAL_INFLIGHT_BYTES).
+        self.budget = MemoryBudget(TOTAL_INFLIGHT_BYTES)
 
     # -- binding (QEMU's util/qemu-sockets.c texts) -----------------------------------------
     async def bind(self, addr: Any) -> None:
@@ -144,12 +150,13 @@ class NbdServer:
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
         """Accept while below max-connections; at the limit stop accepting, like QEMU,
-        so further clients wait in the backlog instead of being refused."""
+        so further clients wait in the backlog instead of being refused.
+
+        One client more is accepted while full: it waits for a slot, and while it does, a
+        connection stuck in the handshake for :data:`NEGOTIATION_GRACE` is dropped to make
+        room, so clients that connect and say nothing cannot lock everybody out."""
         loop = asyncio.get_running_loop()
         while True:
-            while self._full():
-                self._slot.clear()
-                await self._slot.wait()
             try:
                 conn, _peer = await loop.sock_accept(lsock)
             except OSError as exc:
@@ -165,12 +172,40 @@ class NbdServer:
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            try:
+                while self._full():
+                    self._drop_negotiating(time.monotonic() - NEGOTIATION_GRACE)
+                    self._slot.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._slot.wait(), NEGOTIATION_GRACE / 4)
+            except BaseException:
+                conn.close()
+                raise
             reader, writer = await asyncio.open_connection(sock=conn, limit=1024 * 1024)
             c = NbdConnection(self, reader, writer)
             self.connections.add(c)
             t = asyncio.create_task(self._run_conn(c), name=f"nbd#{c.num}")
             self._conn_tasks.add(t)
             t.add_done_callback(self._conn_tasks.discard)
+
+    def _drop_negotiating(self, before: float) -> None:
+        """Drop the oldest connection still negotiating since *before* (if any)."""
+        stuck = [
+            c
+            for c in self.connections
+            if not c.closed and c.negotiating_since is not None and c.negotiating_since <= before
+        ]
+        if stuck:
+            victim = min(stuck, key=lambda c: c.negotiating_since or 0.0)
+            log.warning("nbd#%d: still negotiating while the server is full; dropped", victim.num)
+            victim.close()
+
+    def drop_stalled(self, before: float) -> None:
+        """Drop every connection whose replies have not moved since *before*."""
+        for c in list(self.connections):
+            if not c.closed and c.stalled_since is not None and c.stalled_since <= before:
+                log.warning("nbd#%d: client does not read its replies; dropped", c.num)
+                c.close()
 
     async def _run_conn(self, c: NbdConnection) -> None:
         log.info("nbd#%d: connected", c.num)

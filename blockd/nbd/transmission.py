@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from blockd.block.driver import WriteFlags
@@ -37,11 +38,48 @@ log = logging.getLogger(__name__)
 MAX_REQUESTS = 16
 #: Payload and reply bytes buffered at once per connection (one request may always run).
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
-#: A client has this long to finish the handshake (QEMU 7.2 waits forever; a stuck peer
-#: would otherwise hold one of max-connections slots for good).
-HANDSHAKE_TIMEOUT = 60.0
+#: Payload and reply bytes buffered at once by all connections of a server together: what
+#: bounds memory when many clients send large requests or never read their replies.
+TOTAL_INFLIGHT_BYTES = 128 * 1024 * 1024
+#: A client has this long to finish the handshake (QEMU 7.2 waits forever, QEMU 8.2 gives
+#: ten seconds: a stuck peer would otherwise hold one of max-connections slots for good) ...
+HANDSHAKE_TIMEOUT = 10.0
+#: A client whose replies have not moved for this long, while another connection waits for
+#: the shared budget, is dropped: its unread replies are what the other one waits for.
+STALL_TIMEOUT = 2.0
+#: Reads for NBD_CMD_CACHE go to the node in pieces of this size, so a prefetch holds at
+#: most one piece in memory.
+CACHE_CHUNK = 4 * 1024 * 1024
 
 _conn_ids = itertools.count(1)
+
+
+class MemoryBudget:
+    """Bytes of request payloads and replies held in memory by a server's connections."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._changed = asyncio.Event()
+
+    def fits(self, cost: int) -> bool:
+        return cost == 0 or self.used + cost <= self.total
+
+    def take(self, cost: int) -> None:
+        self.used += cost
+
+    def give(self, cost: int) -> None:
+        if cost:
+            self.used -= cost
+            self._changed.set()
+
+    async def wait_change(self, timeout: float) -> None:
+        """Until bytes are given back, or *timeout* seconds."""
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
 
 
 class NbdConnection:
@@ -65,6 +103,10 @@ class NbdConnection:
         self._inflight_bytes = 0
         self._wakeup = asyncio.Event()
         self.finished = asyncio.Event()
+        #: When the handshake started (None once an export is being served).
+        self.negotiating_since: float | None = time.monotonic()
+        #: Since when replies wait for the client to read (None while output flows).
+        self.stalled_since: float | None = None
 
     def __repr__(self) -> str:
         return f"<NbdConnection {self.num} export={self.export.name if self.export else None}>"
@@ -82,6 +124,7 @@ class NbdConnection:
             try:
                 hs = Handshake(self)
                 export = await asyncio.wait_for(hs.run(), HANDSHAKE_TIMEOUT)
+                self.negotiating_since = None
                 if export is not None:
                     self.structured = hs.structured
                     self.meta = hs.meta
@@ -118,15 +161,22 @@ class NbdConnection:
         if self.closed:
             return
         for p in parts:
-            self.writer.write(p)
+            # asyncio slices what the socket did not take before buffering it: a memoryview
+            # slice is free, a bytes slice would be one more copy of a large reply.
+            self.writer.write(memoryview(p) if len(p) > 65536 else p)
 
     async def drain(self) -> None:
         if self.closed:
             return
+        if self.stalled_since is None:
+            self.stalled_since = time.monotonic()
         try:
             await self.writer.drain()
         except (ConnectionError, OSError):
             self.close()
+        finally:
+            # Every waiter wakes when the buffer falls below its low-water mark: output moved.
+            self.stalled_since = None
 
     def enter(self, export: NbdExport) -> NbdExport | None:
         """Become a client of *export* (the handshake's last step); None when it is going."""
@@ -151,24 +201,32 @@ class NbdConnection:
             if rtype == P.CMD_DISC:
                 self.log.debug("nbd#%d: disconnect requested", self.num)
                 return
-            cost = length if rtype == P.CMD_READ or rtype == P.CMD_WRITE else 0
-            if cost > P.MAX_BUFFER_SIZE:
-                self._simple_or_error(req, P.NBD_EINVAL, f"len ({length}) is larger than max len")
+            sized = rtype == P.CMD_READ or rtype == P.CMD_WRITE or rtype == P.CMD_CACHE
+            if sized and length > P.MAX_BUFFER_SIZE:
+                self._simple_or_error(
+                    req,
+                    P.NBD_EINVAL,
+                    f"len ({length} ) is larger than max len ({P.MAX_BUFFER_SIZE})",
+                )
                 await self.drain()
                 if rtype == P.CMD_WRITE:
                     raise P.ProtocolError("write payload too large to skip")
                 continue
+            cost = min(length, CACHE_CHUNK) if rtype == P.CMD_CACHE else length if sized else 0
             await self._wait_budget(cost)
             if self.closed:
                 return
             payload = await readexactly(length) if rtype == P.CMD_WRITE and length else b""
             # No await between here and the task's creation: arrival order is kept.
             self._inflight_bytes += cost
+            self.server.budget.take(cost)
             self._tasks.add(asyncio.create_task(self._serve(req, payload, cost)))
 
     async def _wait_budget(self, cost: int) -> None:
         """Wait until the request costing *cost* fits in the connection's budget (one request
-        always fits)."""
+        always fits) and in the server's. While waiting for the server's budget, clients that
+        do not read their replies are dropped after :data:`STALL_TIMEOUT`, so the bytes they
+        pin come free and a client that does read is served."""
         while (
             not self.closed
             and self._tasks
@@ -178,6 +236,10 @@ class NbdConnection:
         ):
             self._wakeup.clear()
             await self._wakeup.wait()
+        budget = self.server.budget
+        while not self.closed and not budget.fits(cost):
+            self.server.drop_stalled(time.monotonic() - STALL_TIMEOUT)
+            await budget.wait_change(STALL_TIMEOUT / 4)
 
     async def _serve(self, req: P.Request, payload: bytes, cost: int) -> None:
         try:
@@ -192,6 +254,7 @@ class NbdConnection:
             log.exception("nbd#%d: request %s failed", self.num, req)
         finally:
             self._inflight_bytes -= cost
+            self.server.budget.give(cost)
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.discard(task)
@@ -276,8 +339,12 @@ class NbdConnection:
                     await node.flush()
             elif t == P.CMD_FLUSH:
                 await node.flush()
-            elif t == P.CMD_CACHE and req.length:
-                await node.read(req.offset, req.length)  # warms the cache; data dropped
+            elif t == P.CMD_CACHE:
+                # Warms the caches; the data is dropped piece by piece (the cost counted is
+                # one piece).
+                end = req.offset + req.length
+                for pos in range(req.offset, end, CACHE_CHUNK):
+                    await node.read(pos, min(CACHE_CHUNK, end - pos))
             self._simple_or_error(req, 0)
         except OSError as exc:
             self._os_error(req, exc)
