@@ -202,8 +202,10 @@ class NbdServer:
 
     def drop_stalled(self, before: float) -> None:
         """Drop every connection whose replies have not moved since *before*."""
+        now = time.monotonic()
         for c in list(self.connections):
-            if not c.closed and c.stalled_since is not None and c.stalled_since <= before:
+            since = c.output_stalled_since(now)
+            if since is not None and since <= before:
                 log.warning("nbd#%d: client does not read its replies; dropped", c.num)
                 c.close()
 

@@ -105,8 +105,10 @@ class NbdConnection:
         self.finished = asyncio.Event()
         #: When the handshake started (None once an export is being served).
         self.negotiating_since: float | None = time.monotonic()
-        #: Since when replies wait for the client to read (None while output flows).
+        #: Since when replies wait for the client to read (None while output flows), and
+        #: how many bytes were queued at the last look (see :meth:`output_stalled_since`).
         self.stalled_since: float | None = None
+        self._seen_queued = 0
 
     def __repr__(self) -> str:
         return f"<NbdConnection {self.num} export={self.export.name if self.export else None}>"
@@ -170,6 +172,7 @@ class NbdConnection:
             return
         if self.stalled_since is None:
             self.stalled_since = time.monotonic()
+            self._seen_queued = self.writer.transport.get_write_buffer_size()
         try:
             await self.writer.drain()
         except (ConnectionError, OSError):
@@ -177,6 +180,18 @@ class NbdConnection:
         finally:
             # Every waiter wakes when the buffer falls below its low-water mark: output moved.
             self.stalled_since = None
+
+    def output_stalled_since(self, now: float) -> float | None:
+        """Since when the client has taken none of its queued replies (None when nothing
+        waits). Less queued than at the last look counts as progress: a slow reader on a slow
+        link is not taken for one that does not read."""
+        if self.stalled_since is None or self.closed:
+            return None
+        queued = self.writer.transport.get_write_buffer_size()
+        if queued < self._seen_queued:
+            self.stalled_since = now
+        self._seen_queued = queued
+        return self.stalled_since
 
     def enter(self, export: NbdExport) -> NbdExport | None:
         """Become a client of *export* (the handshake's last step); None when it is going."""
