@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from typing import Any
 
 from blockd import __version__
 from blockd.errors import QmpError
+from blockd.io import heap
 from blockd.logfmt import OneLineFormatter
 
 DEFAULT_SOCKET = "/tmp/blockd.sock"
@@ -82,19 +82,9 @@ def parse_blockdev(spec: str) -> dict[str, Any]:
     return out
 
 
-def _return_large_buffers() -> None:
-    """Make glibc serve every buffer of 256 KiB or more with its own mapping, unmapped when
-    freed. Its default raises that threshold after the first large free, and then request
-    buffers (up to 32 MiB each, allocated by I/O threads in per-thread arenas) stay in the
-    process after use: the NBD memory budget would bound what is in use, not the RSS."""
-    with contextlib.suppress(OSError, AttributeError):
-        m_mmap_threshold = -3
-        ctypes.CDLL(None).mallopt(m_mmap_threshold, 256 * 1024)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _return_large_buffers()
+    heap.one_arena()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter("%(asctime)s blockd %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from blockd.block.driver import WriteFlags
 from blockd.block.status import BlockStatus
 from blockd.errors import errno_of
+from blockd.io import heap
 from blockd.nbd import protocol as P
 from blockd.nbd.export import NbdExport
 from blockd.nbd.handshake import Handshake
@@ -47,6 +48,8 @@ HANDSHAKE_TIMEOUT = 10.0
 #: A client whose replies have not moved for this long, while another connection waits for
 #: the shared budget, is dropped: its unread replies are what the other one waits for.
 STALL_TIMEOUT = 2.0
+#: A budget that held this much and runs empty again gives the freed heap back.
+TRIM_AFTER = 32 * 1024 * 1024
 #: Reads for NBD_CMD_CACHE go to the node in pieces of this size, so a prefetch holds at
 #: most one piece in memory.
 CACHE_CHUNK = 4 * 1024 * 1024
@@ -55,23 +58,34 @@ _conn_ids = itertools.count(1)
 
 
 class MemoryBudget:
-    """Bytes of request payloads and replies held in memory by a server's connections."""
+    """Bytes of request payloads and replies held in memory by a server's connections.
+
+    When it runs empty after a burst of at least :data:`TRIM_AFTER` bytes, the freed heap is
+    given back to the system (:mod:`blockd.io.heap`), so that RSS follows the budget."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.used = 0
         self._changed = asyncio.Event()
+        self._burst = 0
+        self._trims: set[asyncio.Task[None]] = set()
 
     def fits(self, cost: int) -> bool:
         return cost == 0 or self.used + cost <= self.total
 
     def take(self, cost: int) -> None:
         self.used += cost
+        self._burst = max(self._burst, self.used)
 
     def give(self, cost: int) -> None:
         if cost:
             self.used -= cost
             self._changed.set()
+            if self.used == 0 and self._burst >= TRIM_AFTER:
+                self._burst = 0
+                t = asyncio.get_running_loop().create_task(heap.trim())
+                self._trims.add(t)
+                t.add_done_callback(self._trims.discard)
 
     async def wait_change(self, timeout: float) -> None:
         """Until bytes are given back, or *timeout* seconds."""
