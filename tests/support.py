@@ -93,7 +93,7 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_blockd(tmp: Path, *extra: str, name: str = "blockd") -> Daemon:
+def start_blockd(tmp: Path, *extra: str, name: str = "blockd", cwd: Path | None = None) -> Daemon:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
@@ -101,7 +101,7 @@ def start_blockd(tmp: Path, *extra: str, name: str = "blockd") -> Daemon:
             [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", "debug", *extra],
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=cwd or ROOT,
         )
     wait_for_socket(sock, proc)
     return Daemon(proc, sock, log)

@@ -22,7 +22,7 @@ from blockd.block.status import BlockStatus
 from blockd.nbd import protocol as P
 
 if TYPE_CHECKING:
-    from blockd.nbd.server import NbdConnection
+    from blockd.nbd.transmission import NbdConnection
 
 log = logging.getLogger(__name__)
 

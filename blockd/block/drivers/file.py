@@ -21,6 +21,7 @@ from blockd.block.driver import BlockDriver, WriteFlags, register_driver
 from blockd.block.perm import PERM_NAMES, Perm
 from blockd.block.status import BlockStatus, Extent
 from blockd.errors import QmpError
+from blockd.io.paths import c_bytes, real_path
 from blockd.io.pool import run_blocking
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -61,13 +62,13 @@ def _open_blocking(path: str, flags: int, ro: bool, auto_ro: bool) -> tuple[int,
     """Open *path* (falling back to read-only when ``auto-read-only`` allows) and return
     ``(fd, read_only, length, hole_free)``; errors carry QEMU's "Could not open" text."""
     try:
-        fd = os.open(path, flags | (os.O_RDONLY if ro else os.O_RDWR))
+        fd = os.open(c_bytes(path), flags | (os.O_RDONLY if ro else os.O_RDWR))
     except OSError as exc:
         if ro or not auto_ro or exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise QmpError(f"Could not open '{path}': {exc.strerror}") from None
         ro = True
         try:
-            fd = os.open(path, flags | os.O_RDONLY)
+            fd = os.open(c_bytes(path), flags | os.O_RDONLY)
         except OSError as exc2:
             raise QmpError(f"Could not open '{path}': {exc2.strerror}") from None
     st = os.fstat(fd)
@@ -161,7 +162,7 @@ class FileDriver(BlockDriver):
         self.fd, self.node.read_only, self._length, self._dense = await run_blocking(
             _open_blocking, self.path, flags, self.node.read_only, self.node.auto_read_only
         )
-        self._realpath = await run_blocking(os.path.realpath, self.path)
+        self._realpath = await run_blocking(real_path, self.path)
         if self.node.cache_direct:
             self.limits.request_alignment = 4096 if self._probe_direct_4k() else 512
         self.limits.max_transfer = 0
@@ -189,7 +190,7 @@ class FileDriver(BlockDriver):
         if self.node.cache_direct:
             flags |= os.O_DIRECT
         try:
-            fd = os.open(self.path, flags)
+            fd = os.open(c_bytes(self.path), flags)
         except OSError as exc:
             raise QmpError(f"Could not reopen file: {exc.strerror}") from None
         # The new descriptor takes over the locks the old one holds before the old one is
@@ -349,7 +350,7 @@ def _create_blocking(path: str, size: int, prealloc: str, nocow: bool) -> None:
     if prealloc == "metadata":
         raise QmpError(f"Unsupported preallocation mode '{prealloc}'")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(c_bytes(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise QmpError(f"Could not create '{path}': {exc.strerror}") from None
     try:

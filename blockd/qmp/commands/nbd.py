@@ -19,7 +19,7 @@ from blockd.block.perm import Perm
 from blockd.errors import QmpError
 from blockd.nbd import protocol as P
 from blockd.nbd.export import NbdExport
-from blockd.nbd.server import NbdService
+from blockd.nbd.service import NbdService
 from blockd.qapi.export import (
     BlockDirtyBitmap,
     BlockExportDelArgs,
