@@ -79,6 +79,11 @@ class BlockDriver:
     async def reopen(self, read_only: bool) -> None:
         """Switch between read-only and read-write (snapshots, commit)."""
 
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Record a new backing file name and format in the image (stream, commit and
+        ``change-backing-file``); formats without one cannot (QEMU: -ENOTSUP)."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
     # -- I/O -------------------------------------------------------------------------------
     def getlength(self) -> int:
         raise NotImplementedError

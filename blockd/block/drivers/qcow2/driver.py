@@ -466,6 +466,28 @@ class Qcow2Driver(BlockDriver):
             if bm.persistent:
                 bm.readonly = False
 
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """QEMU's qcow2_change_backing_file: the name and format go into cluster 0, written
+        once behind a sync of all metadata, as :meth:`rewrite_header` does."""
+        if name is not None and len(name.encode("utf-8", "surrogateescape")) > 1023:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if fmt is not None and not name:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        old = (self.backing_file_name, self.backing_format, self.full_backing_file_name)
+        self.backing_file_name = name or None
+        self.backing_format = fmt or None
+        try:
+            await self.rewrite_header()
+        except BaseException:
+            self.backing_file_name, self.backing_format, self.full_backing_file_name = old
+            raise
+        self.full_backing_file_name = None
+        if name and self.file is not None:
+            try:
+                self.full_backing_file_name = sibling(self.file, name)[0]
+            except QmpError:
+                pass
+
     async def rewrite_header(self) -> None:
         """Write cluster 0 anew from the live state and ``self.hdr.extensions`` (QEMU's
         qcow2_update_header): how the bitmap directory code changes the bitmaps extension.
