@@ -135,8 +135,9 @@ def backup_source_in_target_chain(d: Path) -> list[Step]:
     return [
         _fmt("qcow2", "A", _inline(d / "a.qcow2")),
         _fmt("qcow2", "T", _inline(d / "t.qcow2"), backing="A"),
-        _backup("j1", "A", "T"),
+        _backup("j1", "A", "T", speed=1),
         ("query-block-jobs", {}),
+        ("block-job-cancel", {"device": "j1", "force": True}),
     ]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from diffsupport import Session, run_both
 from rawclient import RawQmp
 from support import needs_qsd
 
@@ -221,3 +222,24 @@ def test_replies_end_with_crlf_and_ids_echo(blockd: Any, which: str) -> None:
     c.send("{'execute': 'query-jobs', 'id': 'sq'}")
     assert c.reply() == {"return": [], "id": "sq"}
     c.close()
+
+
+def test_file_and_raw_image_info_match_qsd(tmp_path: Path) -> None:
+    """A file whose size is not a multiple of 512 is a node of whole sectors (the tail
+    reads as zeroes), and file and raw nodes report a dirty flag, as in QEMU."""
+
+    def build(d: Path) -> None:
+        (d / "odd.bin").write_bytes(b"\x01" * 1000)
+
+    def scenario(s: Session, d: Path) -> Any:
+        s.ok("blockdev-add", {"driver": "file", "node-name": "F", "filename": str(d / "odd.bin")})
+        s.ok("blockdev-add", {"driver": "raw", "node-name": "R", "file": "F"})
+        nodes = s.ok("query-named-block-nodes", {"flat": True})
+        return [
+            {k: v for k, v in n["image"].items() if k != "filename"} | {"name": n["node-name"]}
+            for n in nodes
+        ]
+
+    res = run_both(tmp_path, build, scenario)
+    assert res["blockd"] == res["qsd"]
+    assert res["qsd"][0]["virtual-size"] == 1024

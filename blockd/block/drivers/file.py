@@ -249,7 +249,9 @@ class FileDriver(BlockDriver):
 
     # -- I/O -----------------------------------------------------------------------------
     def getlength(self) -> int:
-        return self._length
+        # QEMU counts nodes in 512-byte sectors: a file of 1000 bytes is a 1024-byte node
+        # whose tail reads as zeroes (and writing it extends the file).
+        return -(-self._length // 512) * 512
 
     async def preadv(self, offset: int, nbytes: int) -> bytes | bytearray:
         return await run_blocking(_pread_blocking, self.fd, offset, nbytes)
@@ -311,6 +313,9 @@ class FileDriver(BlockDriver):
     # -- reporting -----------------------------------------------------------------------
     def filename(self) -> str:
         return self.path
+
+    def image_info(self) -> dict[str, Any]:
+        return {"dirty-flag": False}  # file-posix answers bdrv_get_info
 
     def actual_size(self) -> int | None:
         try:

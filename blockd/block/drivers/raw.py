@@ -86,6 +86,9 @@ class RawDriver(BlockDriver):
             return str(self.child.filename)
         return self.node.json_filename()
 
+    def image_info(self) -> dict[str, Any]:
+        return {"dirty-flag": False}  # raw answers bdrv_get_info
+
     def actual_size(self) -> int | None:
         return self.child.driver.actual_size()
 
