@@ -212,8 +212,8 @@ def find_bitmap(node: BlockNode, name: str) -> DirtyBitmap | None:
 def default_granularity(node: BlockNode) -> int:
     """The node's cluster size clamped to [4 KiB, 64 KiB]; 64 KiB when the driver has no
     cluster size (raw, file, null-co: observed on QSD 7.2)."""
-    cluster = getattr(node.driver, "cluster_size", None)
-    if not isinstance(cluster, int) or cluster <= 0:
+    cluster = node.driver.info_cluster_size()
+    if cluster is None or cluster <= 0:
         return 65536
     return min(65536, max(4096, cluster))
 
@@ -225,12 +225,7 @@ def check_granularity(granularity: int) -> None:
 
 def check_can_store(node: BlockNode, name: str, granularity: int) -> None:
     """Refuse ``persistent`` where the driver cannot store bitmaps (see module docstring)."""
-    hook = getattr(node.driver, "can_store_new_dirty_bitmap", None)
-    if hook is None:
-        raise QmpError(
-            f"Can't store persistent bitmaps to {node.node_name}: Operation not supported"
-        )
-    hook(name, granularity)
+    node.driver.can_store_new_dirty_bitmap(name, granularity)
 
 
 def create_bitmap(

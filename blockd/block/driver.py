@@ -66,6 +66,11 @@ class BlockDriver:
         self.limits = BlockLimits()
 
     # -- lifecycle -------------------------------------------------------------------------
+    @staticmethod
+    async def create(options: Any, graph: BlockGraph) -> None:
+        """``blockdev-create`` for drivers with ``can_create`` (a job runs it)."""
+        raise QmpError("Driver does not support blockdev-create")
+
     async def open(self, options: Any, graph: BlockGraph) -> None:
         """Open from the validated options model; create children with ``graph.open_child``."""
 
@@ -136,6 +141,19 @@ class BlockDriver:
         """Extra ImageInfo members (cluster-size, format-specific, dirty-flag…)."""
         return {}
 
+    def info_cluster_size(self) -> int | None:
+        """The cluster size QEMU's bdrv_get_info reports, if the format has one: bitmap
+        granularity and the copy granule follow it."""
+        return None
+
+    def header_backing_name(self) -> str | None:
+        """The backing file the image itself names, for ``backing_file`` before a backing
+        node is attached."""
+        return None
+
+    def on_backing_attached(self, backing: BlockNode | None) -> None:
+        """A backing node was attached (a snapshot) or dropped by a graph change."""
+
     def actual_size(self) -> int | None:
         """Bytes allocated on the host, when the driver knows (file: st_blocks * 512)."""
         return None
@@ -166,6 +184,17 @@ class BlockDriver:
 
     def on_child_replaced(self, child: BdrvChild) -> None:
         """A child edge now points to another node (snapshot or pivot below us)."""
+
+    # -- persistent dirty bitmaps ------------------------------------------------------------
+    def can_store_new_dirty_bitmap(self, name: str, granularity: int) -> None:
+        """Refuse a ``persistent`` bitmap this format cannot store (QEMU's
+        bdrv_can_store_new_dirty_bitmap)."""
+        raise QmpError(
+            f"Can't store persistent bitmaps to {self.node.node_name}: Operation not supported"
+        )
+
+    async def remove_persistent_dirty_bitmap(self, name: str) -> None:
+        """Drop a stored bitmap from the image (formats that store them)."""
 
     # -- the protocol layer (see blockd.block.probe) ------------------------------------------
     @classmethod

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from blockd.block.driver import BlockDriver, driver_class
-from blockd.block.node import BdrvChild, BlockNode, inside_graph, leave_graph
+from blockd.block.node import BdrvChild, BlockNode, BlockUser, inside_graph, leave_graph
 from blockd.block.perm import ChildRole, PermUpdate, perm_update, refresh, release_perms
 from blockd.errors import QmpError
 
@@ -318,10 +318,8 @@ class BlockGraph:
             parent = edge.parent
             if isinstance(parent, BlockNode):
                 parent.driver.on_child_replaced(edge)
-            else:
-                hook = getattr(parent, "on_node_replaced", None)
-                if hook is not None:
-                    hook(edge, old, new)
+            elif isinstance(parent, BlockUser):
+                parent.on_node_replaced(edge, old, new)
 
     # -- quiescing -----------------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -119,6 +119,9 @@ class BlockUser:
     def parent_desc(self) -> str:
         return self.desc
 
+    def on_node_replaced(self, edge: BdrvChild, old: BlockNode, new: BlockNode) -> None:
+        """*edge* now points to *new* (a snapshot or pivot moved this user)."""
+
     def attach(
         self,
         node: BlockNode,

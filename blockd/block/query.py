@@ -42,8 +42,7 @@ def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
     # QEMU replaces the header's name by the backing node's filename once one is attached.
     backing = node.backing
     backing_name = backing.filename if backing is not None else None
-    if not getattr(node.driver, "backing_disabled", False):
-        backing_name = backing_name or getattr(node.driver, "backing_file_name", None)
+    backing_name = backing_name or node.driver.header_backing_name()
     if backing_name:
         out["backing_file"] = backing_name
     out.update(

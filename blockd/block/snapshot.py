@@ -77,9 +77,7 @@ async def create_qcow2_overlay(
 
     file_cls = driver_class("file")
     assert file_cls is not None
-    await file_cls.create(  # type: ignore[attr-defined]
-        _CREATE.validate({"driver": "file", "filename": path, "size": 0}), graph
-    )
+    await file_cls.create(_CREATE.validate({"driver": "file", "filename": path, "size": 0}), graph)
     tmp = await graph.open_node(_OPTS.validate({"driver": "file", "filename": path}))
     try:
         opts: dict[str, Any] = {"driver": "qcow2", "file": tmp.node_name, "size": size}
@@ -90,7 +88,7 @@ async def create_qcow2_overlay(
         qcow2 = driver_class("qcow2")
         if qcow2 is None or not qcow2.can_create:
             raise QmpError("Driver does not support blockdev-create")
-        await qcow2.create(_CREATE.validate(opts), graph)  # type: ignore[attr-defined]
+        await qcow2.create(_CREATE.validate(opts), graph)
     finally:
         await graph.maybe_free(tmp)
 
@@ -210,6 +208,4 @@ class ExternalSnapshot:
 def _backing_changed(node: BlockNode, backing: BlockNode | None) -> None:
     """Tell a driver that wants to know (qcow2 records the backing file) about its new
     backing node, or that it has none any more."""
-    hook = getattr(node.driver, "on_backing_attached", None)
-    if hook is not None:
-        hook(backing)
+    node.driver.on_backing_attached(backing)

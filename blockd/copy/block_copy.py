@@ -71,8 +71,8 @@ SEQUENTIAL_STREAMS = 8
 def cluster_size_for(target: BlockNode) -> int:
     """The copy granule: at least 64 KiB, at least the target's cluster (QEMU's
     block_copy_calculate_cluster_size), so a copied cluster never half-fills a target cluster."""
-    cluster = getattr(target.driver, "cluster_size", None)
-    if isinstance(cluster, int) and cluster > MIN_CLUSTER:
+    cluster = target.driver.info_cluster_size()
+    if cluster is not None and cluster > MIN_CLUSTER:
         return cluster
     return MIN_CLUSTER
 

@@ -329,7 +329,7 @@ def create_backup_job(
     # backup_job_create()
     if source is target:
         raise QmpError("Source and target cannot be the same")
-    if p.compress and not getattr(target.driver, "supports_compressed_writes", False):
+    if p.compress and not target.driver.supports_compressed_writes:
         raise QmpError(f"Compression is not supported for this drive {_device_name(target)}")
     source.check_not_busy()
     target.check_not_busy()
@@ -355,7 +355,7 @@ def create_backup_job(
             )
         flags = WriteFlags.NONE
         if p.compress:
-            flags |= WriteFlags(getattr(WriteFlags, "COMPRESSED", 0))
+            flags |= WriteFlags.COMPRESSED
         bcs = BlockCopy(
             source,
             target,

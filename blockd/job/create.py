@@ -24,10 +24,9 @@ class CreateJob(Job):
     async def run(self) -> None:
         driver = self.options.driver.value
         cls = driver_class(driver)
-        create = getattr(cls, "create", None) if cls is not None else None
-        if cls is None or not cls.can_create or create is None:
+        if cls is None or not cls.can_create:
             raise QmpError("Driver does not support blockdev-create")
         try:
-            await create(self.options, self.graph)
+            await cls.create(self.options, self.graph)
         finally:
             self.progress_current = 1  # QEMU reports 1/1 whatever the outcome

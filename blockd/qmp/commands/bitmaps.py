@@ -82,10 +82,8 @@ def bitmap_remove_prepare(graph: BlockGraph, args: BlockDirtyBitmap) -> DirtyBit
 
 
 async def bitmap_remove_commit(bm: DirtyBitmap) -> None:
-    if bm.persistent:
-        hook = getattr(bm.node.driver, "remove_persistent_dirty_bitmap", None)
-        if hook is not None and bm.name is not None:
-            await hook(bm.name)
+    if bm.persistent and bm.name is not None:
+        await bm.node.driver.remove_persistent_dirty_bitmap(bm.name)
     release(bm.node, bm)
 
 

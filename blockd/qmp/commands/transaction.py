@@ -329,14 +329,13 @@ async def _create_image(
     file_cls = driver_class("file")
     assert file_cls is not None
     validate = ArgsValidator(BlockdevCreateOptions).validate
-    file_create = getattr(file_cls, "create")  # noqa: B009 - optional driver API
     file_size = size if fmt in ("raw", "file") else 0
-    await file_create(validate({"driver": "file", "filename": path, "size": file_size}), graph)
+    await file_cls.create(validate({"driver": "file", "filename": path, "size": file_size}), graph)
     if fmt in ("raw", "file"):
         return
-    create = getattr(cls, "create", None)
-    if create is None:
+    if not cls.can_create:
         raise QmpError(f"Unknown file format '{fmt}'")
+    create = cls.create
     file_node = await graph.open_node(
         ArgsValidator(BlockdevOptions).validate({"driver": "file", "filename": path})
     )

@@ -385,6 +385,12 @@ class Qcow2Driver(BlockDriver):
         log.warning("%s: %s", self.node.node_name, text)
 
     # -- persistent dirty bitmaps (the hooks blockd.bitmap.dirty documents) ------------------
+    def info_cluster_size(self) -> int | None:
+        return self.cluster_size
+
+    def header_backing_name(self) -> str | None:
+        return None if self.backing_disabled else self.backing_file_name
+
     def can_store_new_dirty_bitmap(self, name: str, granularity: int) -> None:
         self.bitmaps.can_store_new(name, granularity)
 
