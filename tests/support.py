@@ -93,7 +93,9 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_blockd(tmp: Path, *extra: str, name: str = "blockd") -> Daemon:
+def start_blockd(
+    tmp: Path, *extra: str, name: str = "blockd", env: dict[str, str] | None = None
+) -> Daemon:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
@@ -102,12 +104,15 @@ def start_blockd(tmp: Path, *extra: str, name: str = "blockd") -> Daemon:
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env=env,
         )
     wait_for_socket(sock, proc)
     return Daemon(proc, sock, log)
 
 
-def start_qsd(tmp: Path, *extra: str, name: str = "qsd") -> Daemon:
+def start_qsd(
+    tmp: Path, *extra: str, name: str = "qsd", env: dict[str, str] | None = None
+) -> Daemon:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
@@ -122,6 +127,7 @@ def start_qsd(tmp: Path, *extra: str, name: str = "qsd") -> Daemon:
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     wait_for_socket(sock, proc)
     return Daemon(proc, sock, log)
