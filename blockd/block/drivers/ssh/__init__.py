@@ -2,6 +2,12 @@
 host keys as libssh does, ``clientconf`` reads the local user's ssh files, ``session`` is one
 connection with its request window, ``driver`` the node. Importing it registers the driver."""
 
+import logging
+
 from blockd.block.drivers.ssh import driver as driver
+
+# asyncssh logs every SFTP request at debug level: that would drown blockd's own debug log
+# (and cost a formatted line per piece). Its connection and authentication events are INFO.
+logging.getLogger("asyncssh").setLevel(logging.INFO)
 
 __all__ = ["driver"]

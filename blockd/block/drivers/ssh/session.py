@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 #: Requests in flight per connection. 32 pieces of 255 KiB keep loopback and LAN links busy;
 #: more only adds memory.
 WINDOW = 32
+#: Flow-control window and largest packet this client accepts: the whole request window may
+#: be answered without waiting for a window adjust, in few large packets (each packet costs a
+#: Python-level decrypt and parse; OpenSSH sends up to what the client allows).
+WINDOW_BYTES = 16 * 1024 * 1024
+MAX_PACKET = 256 * 1024
 #: Piece size when the server announces no limit (OpenSSH announces 261120 for reads).
 DEFAULT_PIECE = 256 * 1024
 #: Preferred ciphers: AES-GCM runs in OpenSSL's AES-NI code, chacha20 in slower Python glue.
@@ -217,6 +222,8 @@ class SftpSession:
                 host_based_auth=False,
                 keepalive_interval=15,
                 keepalive_count_max=4,
+                window=WINDOW_BYTES,
+                max_pktsize=MAX_PACKET,
             )
         except asyncssh.HostKeyNotVerifiable:
             raise QmpError(client.refusal or hostkey.NOT_FOUND) from None
