@@ -136,6 +136,16 @@ def test_qcow2_create_on_a_bigger_ssh_file(lab: SshLab, pair: Pair, tmp_path: Pa
         assert check_image(path)["rc"] == 0, kind
 
 
+def forget_backing_format(path: Path) -> None:
+    """Turn the backing format header extension into an unknown one (ignored by readers)."""
+    data = bytearray(path.read_bytes()[:4096])
+    pos = data.find(bytes.fromhex("e2792aca"), 72)
+    assert pos > 0
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        f.write(bytes.fromhex("6b6b6b6b"))
+
+
 @needs_qsd
 def test_backing_files_open_over_ssh(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     """A qcow2 on an ssh node finds its backing file on the same host: a relative name next to
@@ -146,6 +156,7 @@ def test_backing_files_open_over_ssh(lab: SshLab, pair: Pair, tmp_path: Path) ->
     )
     qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", tmp_path / "abs.qcow2", "8M")
     qemu_io("-f", "qcow2", "-c", f"write -P 0x72 {MiB} {MiB}", tmp_path / "rel.qcow2")
+    forget_backing_format(tmp_path / "rel.qcow2")  # the backing's format is probed over ssh
     got: dict[str, Any] = {}
     for kind, s in pair.sessions.items():
         s.ok(
@@ -192,3 +203,28 @@ def test_backing_files_open_over_ssh(lab: SshLab, pair: Pair, tmp_path: Path) ->
         f"ssh://{lab.user}@127.0.0.1:{lab.port}{p}" for p in (tmp_path / "abs.qcow2", base)
     )
     s.ok("blockdev-del", {"node-name": "top2"})
+
+
+def test_snapshot_on_an_image_over_ssh(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
+    """An external snapshot turns the qcow2 on ssh read-only under its new overlay (the ssh
+    node reopens its remote file; QEMU cannot reopen ssh nodes): data written before stays
+    readable through the overlay, new writes land locally, the remote image checks clean."""
+    s = pair.sessions["blockd"]
+    base = qcow2_image(tmp_path / "base.qcow2", 8 * MiB)
+    s.ok("blockdev-add", {"driver": "qcow2", "node-name": "sb", "file": lab.node("sb-ssh", base)})
+    uri = export(s, "blockd", tmp_path, "sb")
+    qemu_io("-f", "raw", "-c", f"write -P 0x51 0 {MiB}", uri)
+    overlay = tmp_path / "overlay.qcow2"
+    s.ok(
+        "blockdev-snapshot-sync",
+        {"node-name": "sb", "snapshot-file": str(overlay), "snapshot-node-name": "ov"},
+    )
+    nodes = {n["node-name"]: n for n in s.ok("query-named-block-nodes", {"flat": True})}
+    assert nodes["sb"]["ro"] and nodes["sb-ssh"]["ro"] and not nodes["ov"]["ro"]
+    qemu_io("-f", "raw", "-c", f"write -P 0x52 {MiB} {MiB}", uri)  # the export follows ov
+    qemu_io("-f", "raw", "-c", f"read -P 0x51 0 {MiB}", "-c", f"read -P 0x52 {MiB} {MiB}", uri)
+    unexport(s, "sb")
+    s.ok("blockdev-del", {"node-name": "ov"})
+    s.ok("blockdev-del", {"node-name": "sb"})
+    assert check_image(base)["rc"] == 0
+    qemu_io("-f", "qcow2", "-c", f"read -P 0x51 0 {MiB}", "-c", f"read -P 0 {MiB} {MiB}", base)

@@ -64,6 +64,12 @@ class SshDriver(BlockDriver):
         if session is not None:
             await session.close()
 
+    async def reopen(self, read_only: bool) -> None:
+        # QEMU cannot reopen ssh nodes at all; here snapshots and commits over ssh work.
+        if read_only != self.node.read_only and self.target is not None:
+            await self._live().reopen(self.target.path, _READ if read_only else _WRITE)
+            self.node.read_only = read_only
+
     def _live(self) -> SftpSession:
         if self.session is None:
             raise OSError(5, "ssh node is closed")

@@ -333,6 +333,21 @@ class SftpSession:
                 raise OSError(errno.EIO, f"ssh fsync failed: {exc}") from None
         return True
 
+    async def reopen(self, path: str, pflags: int) -> None:
+        """A new handle with other access flags on the same connection, then the old one
+        closed: requests in flight keep the handle they started with."""
+        try:
+            f = await self.sftp.open(
+                path, pflags, encoding=None, block_size=DEFAULT_PIECE, max_requests=1
+            )
+        except asyncssh.SFTPError as exc:
+            raise QmpError(_sftp_text(f"failed to open remote file '{path}'", exc)) from None
+        except (asyncssh.Error, OSError) as exc:
+            raise QmpError(f"failed to reopen remote file '{path}': {exc}") from None
+        old, self.file = self.file, f
+        with contextlib.suppress(asyncssh.Error, OSError):
+            await old.close()
+
     async def set_size(self, size: int) -> None:
         await self._one("setstat", lambda: self.file.setstat(asyncssh.SFTPAttrs(size=size)))
         self.size = size
