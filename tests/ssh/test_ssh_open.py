@@ -70,7 +70,23 @@ def foreign(kind: str, bits: str = "") -> Callable[[SshLab, Path], str]:
 
 def config(text: str) -> Callable[[SshLab, Path], None]:
     def setup(lab: SshLab, tmp: Path) -> None:
-        (lab.sshdir / "config").write_text(text.replace("$SSHDIR", str(lab.sshdir)))
+        text_ = text.replace("$SSHDIR", str(lab.sshdir)).replace("$TMP", str(tmp))
+        (lab.sshdir / "config").write_text(text_)
+
+    return setup
+
+
+def steps(*setups: Callable[[SshLab, Path], object]) -> Callable[[SshLab, Path], None]:
+    def setup(lab: SshLab, tmp: Path) -> None:
+        for step in setups:
+            step(lab, tmp)
+
+    return setup
+
+
+def write_file(name: str, text: Callable[[SshLab, Path], str]) -> Callable[[SshLab, Path], None]:
+    def setup(lab: SshLab, tmp: Path) -> None:
+        (tmp / name).write_text(text(lab, tmp) + "\n")
 
     return setup
 
@@ -195,53 +211,38 @@ CASES = [
     # -- ~/.ssh/config ----------------------------------------------------------------------
     Case(
         "config-strict-no-unknown",
-        lambda lab, tmp: (no_known_hosts(lab, tmp), config("StrictHostKeyChecking no\n")(lab, tmp)),
+        steps(no_known_hosts, config("StrictHostKeyChecking no\n")),
     ),
     Case(
         "config-strict-no-changed",
-        lambda lab, tmp: (
-            known(foreign("ed25519"))(lab, tmp),
-            config("Host 127.0.0.1\n  StrictHostKeyChecking no\n")(lab, tmp),
-        ),
+        steps(known(foreign("ed25519")), config("Host 127.0.0.1\n  StrictHostKeyChecking no\n")),
     ),
     Case(
         "config-strict-other-host",
-        lambda lab, tmp: (
-            no_known_hosts(lab, tmp),
-            config("Host elsewhere\n  StrictHostKeyChecking no\n")(lab, tmp),
-        ),
+        steps(no_known_hosts, config("Host elsewhere\n  StrictHostKeyChecking no\n")),
         expect="=" + NOT_FOUND,
     ),
     Case(
         "config-user-known-hosts-file",
-        lambda lab, tmp: (
-            (tmp / "kh2").write_text(foreign("ed25519")(lab, tmp) + "\n"),
-            config(f"UserKnownHostsFile {tmp / 'kh2'}\n")(lab, tmp),
-        ),
+        steps(write_file("kh2", foreign("ed25519")), config("UserKnownHostsFile $TMP/kh2\n")),
         expect="does not match the one in known_hosts",
     ),
     Case("config-port-changes-lookup", config("Port 22\n"), expect="=" + NOT_FOUND),
     Case(
         "config-identityfile-tilde",
-        lambda lab, tmp: (key_renamed(lab, tmp), config("IdentityFile ~/.ssh/mykey\n")(lab, tmp)),
+        steps(key_renamed, config("IdentityFile ~/.ssh/mykey\n")),
     ),
     Case(
         "config-identityfile-absolute",
-        lambda lab, tmp: (
-            key_renamed(lab, tmp),
-            config("Host 127.0.0.1\n IdentityFile $SSHDIR/mykey\n")(lab, tmp),
-        ),
+        steps(key_renamed, config("Host 127.0.0.1\n IdentityFile $SSHDIR/mykey\n")),
     ),
     Case(
         "config-identityfile-percent-d",
-        lambda lab, tmp: (key_renamed(lab, tmp), config("IdentityFile %d/mykey\n")(lab, tmp)),
+        steps(key_renamed, config("IdentityFile %d/mykey\n")),
     ),
     Case(
         "config-identityfile-other-host",
-        lambda lab, tmp: (
-            key_renamed(lab, tmp),
-            config("Host elsewhere\n IdentityFile ~/.ssh/mykey\n")(lab, tmp),
-        ),
+        steps(key_renamed, config("Host elsewhere\n IdentityFile ~/.ssh/mykey\n")),
         expect="=" + AUTH,
     ),
     Case("config-user-not-honoured", config("User nobody-at-all\n")),
