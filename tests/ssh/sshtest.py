@@ -37,10 +37,10 @@ class Pair:
 
 
 @contextlib.contextmanager
-def started_pair(lab: SshLab, tmp: Path) -> Iterator[Pair]:
+def started_pair(lab: SshLab, tmp: Path, **env: str) -> Iterator[Pair]:
     daemons = {
-        "blockd": start_blockd(tmp, env=lab.env()),
-        "qsd": start_qsd(tmp, env=lab.env()),
+        "blockd": start_blockd(tmp, env=lab.env(**env)),
+        "qsd": start_qsd(tmp, env=lab.env(**env)),
     }
     sessions = {k: Session(d.sock) for k, d in daemons.items()}
     try:

@@ -6,6 +6,8 @@ daemons alike cannot pass."""
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 from diffsupport import Session
 from sshlab import OTHER_USER, SshLab, connections
-from sshtest import Pair
+from sshtest import Pair, started_pair
 from support import needs_qsd
 
 NOT_FOUND = "no host key was found in known_hosts"
@@ -380,3 +382,26 @@ def test_no_connection_left_after_failures(lab: SshLab, pair: Pair, tmp_path: Pa
         lab.write_known_hosts(lab.known_hosts_lines())
         s.err("blockdev-add", {**lab.node("k", image), "user": "no-such-user-here"})
     assert connections(pair.daemons["blockd"].proc.pid, lab.port) == 0
+
+
+@needs_qsd
+def test_agent_keys_authenticate(lab: SshLab, tmp_path: Path) -> None:
+    """With no identity file left, a key held by an ssh-agent ($SSH_AUTH_SOCK) still logs in,
+    in both daemons (a throwaway agent on a socket in tmp_path)."""
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        env = {**lab.env(), "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(lab.client_key)], env=env, check=True)
+        key_renamed(lab, tmp_path)
+        image = tmp_path / "disk.img"
+        image.write_bytes(bytes(4096))
+        with started_pair(lab, tmp_path, SSH_AUTH_SOCK=str(sock)) as pair:
+            got = {kind: outcome(s, lab.node("ag", image)) for kind, s in pair.sessions.items()}
+        assert got == {"blockd": ("ok", ""), "qsd": ("ok", "")}
+    finally:
+        agent.terminate()
+        agent.wait()

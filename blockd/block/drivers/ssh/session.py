@@ -195,10 +195,14 @@ class SftpSession:
     async def open(cls, t: Target, pflags: int, mode: int | None = None) -> SftpSession:
         port = parse_port(t.port)
         setup = await run_blocking(clientconf.load, t.user, t.host, port)
-        sock = await _tcp_connect(t)
+        agent, agent_keys = await _agent()
+        try:
+            sock = await _tcp_connect(t)
+        except BaseException:
+            if agent is not None:
+                agent.close()
+            raise
         client = _Client(t, setup.known, setup.strict)
-        agent = await _agent()
-        agent_keys = list(await agent.get_keys()) if agent is not None else []
         try:
             conn = await asyncssh.connect(
                 t.host,
@@ -226,8 +230,10 @@ class SftpSession:
                 max_pktsize=MAX_PACKET,
             )
         except asyncssh.HostKeyNotVerifiable:
+            sock.close()
             raise QmpError(client.refusal or hostkey.NOT_FOUND) from None
         except asyncssh.PermissionDenied:
+            sock.close()
             raise QmpError(AUTH_FAILED) from None
         except (asyncssh.Error, OSError) as exc:
             sock.close()
@@ -259,10 +265,10 @@ class SftpSession:
         except (asyncssh.Error, OSError) as exc:
             raise QmpError(f"failed to initialize sftp handle: {exc}") from None
         attrs = asyncssh.SFTPAttrs(permissions=mode) if mode is not None else asyncssh.SFTPAttrs()
-        piece = DEFAULT_PIECE
         try:
+            # One SFTP request per call: the pieces and the window are ours (see read/write).
             f = await sftp.open(
-                t.path, pflags, attrs, encoding=None, block_size=piece, max_requests=1
+                t.path, pflags, attrs, encoding=None, block_size=DEFAULT_PIECE, max_requests=1
             )
         except asyncssh.SFTPError as exc:
             raise QmpError(_sftp_text(f"failed to open remote file '{t.path}'", exc)) from None
@@ -360,16 +366,21 @@ class SftpSession:
         await _close_conn(self.conn)
 
 
-async def _agent() -> asyncssh.SSHAgentClient | None:
-    """The ssh-agent at ``$SSH_AUTH_SOCK``, whose keys libssh tries before the identity
+async def _agent() -> tuple[asyncssh.SSHAgentClient | None, list[Any]]:
+    """The ssh-agent at ``$SSH_AUTH_SOCK`` and its keys, which libssh tries before the identity
     files; no agent (or a dead socket) is no keys."""
     path = os.environ.get("SSH_AUTH_SOCK")
     if not path:
-        return None
+        return None, []
     try:
-        return await asyncssh.connect_agent(path)
+        agent = await asyncssh.connect_agent(path)
     except (asyncssh.Error, OSError, ValueError):
-        return None
+        return None, []
+    try:
+        return agent, list(await agent.get_keys())
+    except (asyncssh.Error, OSError, ValueError):
+        agent.close()
+        return None, []
 
 
 async def _close_conn(conn: asyncssh.SSHClientConnection) -> None:
