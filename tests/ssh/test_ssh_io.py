@@ -4,7 +4,10 @@ the remote file itself (the lab's server is this machine) with qemu-img compare.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +120,34 @@ def test_flush_reaches_the_server_as_fsync(logging_lab: SshLab, tmp_path: Path) 
             unexport(s, "fl")
             s.ok("blockdev-del", {"node-name": "fl"})
             assert after > before, (kind, log.read_text()[-2000:])
+
+
+def test_truncate_rules(lab: SshLab, tmp_path: Path) -> None:
+    """Grows like QEMU (the remote file follows), refuses to shrink below data with QEMU's text
+    and preallocation with QEMU's text, but may give back a tail it grew itself and never wrote
+    (what a qcow2 does with its growth reserve at close). No QMP command resizes a node in
+    blockd yet (block_resize), so the graph is driven in a child process with the lab's passwd
+    entry."""
+    remote = raw_image(tmp_path / "t.raw", MiB, [(0x21, 0, MiB)])
+    child = Path(__file__).resolve().parent / "ssh_truncate_child.py"
+    res = subprocess.run(
+        [sys.executable, str(child), str(lab.port), str(remote)],
+        env={**lab.env(), "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    steps = json.loads(res.stdout.splitlines()[-1])
+    shrink = "ssh driver does not support shrinking files"
+    assert steps == [
+        ["grow", "ok", 3 * MiB, 3 * MiB],
+        ["give back what it grew", "ok", 2 * MiB, 2 * MiB],
+        ["shrink below written data", shrink, 2 * MiB, 2 * MiB],
+        ["falloc", "Unsupported preallocation mode 'falloc'", 2 * MiB, 2 * MiB],
+        ["grow again", "ok", 5 * MiB, 5 * MiB],
+        ["shrink to the written end", "ok", 2 * MiB, 2 * MiB],
+    ]
+    qemu_io(
+        "-f", "raw", "-c", f"read -P 0x21 0 {MiB}", "-c", f"read -P 0 {MiB} {MiB - 4096}", remote
+    )

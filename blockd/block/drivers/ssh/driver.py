@@ -16,6 +16,7 @@ request window). Where blockd differs on purpose:
 
 from __future__ import annotations
 
+import errno
 import logging
 import posixpath
 from typing import Any
@@ -72,7 +73,7 @@ class SshDriver(BlockDriver):
 
     def _live(self) -> SftpSession:
         if self.session is None:
-            raise OSError(5, "ssh node is closed")
+            raise OSError(errno.EIO, "ssh node is closed")
         return self.session
 
     # -- I/O -------------------------------------------------------------------------------
