@@ -32,7 +32,7 @@ HOST_KEY_TYPES = ("ed25519", "ecdsa", "rsa")
 OTHER_USER = "blockd-other"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -86,7 +86,7 @@ class SshLab:
             + "A" * 43
             + "\n"
         )
-        self.port = _free_port()
+        self.port = free_port()
         self.sftp = sftp
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()

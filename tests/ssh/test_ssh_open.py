@@ -244,10 +244,19 @@ CASES = [
     ),
     Case(
         "config-identityfile-other-host",
+        "config-include",
         steps(key_renamed, config("Host elsewhere\n IdentityFile ~/.ssh/mykey\n")),
         expect="=" + AUTH,
     ),
     Case("config-user-not-honoured", config("User nobody-at-all\n")),
+    Case(
+        "config-include",
+        steps(
+            key_renamed,
+            lambda lab, tmp: (lab.sshdir / "extra.conf").write_text("IdentityFile ~/.ssh/mykey\n"),
+            config("Include extra.conf\n"),
+        ),
+    ),
     # -- authentication ---------------------------------------------------------------------
     Case("user-explicit", args=lambda lab, tmp: {"user": lab.user}),
     Case("user-unknown", args=lambda lab, tmp: {"user": "no-such-user-here"}, expect="=" + AUTH),

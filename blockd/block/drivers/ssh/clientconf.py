@@ -58,11 +58,6 @@ def passwd_entry() -> pwd.struct_passwd:
     return pwd.getpwuid(os.getuid())
 
 
-def default_user() -> str:
-    """QEMU's g_get_user_name(): the passwd name of the daemon's user."""
-    return passwd_entry().pw_name
-
-
 class _Config:
     """The ssh_config subset above, first value wins (IdentityFile accumulates)."""
 
@@ -73,7 +68,9 @@ class _Config:
         self.values: dict[str, str] = {}
         self.identities: list[str] = []
 
-    def read(self, path: str, depth: int = 0) -> None:
+    def read(self, path: str, base: str, depth: int = 0) -> None:
+        """Apply the file at *path*; relative ``Include``s are found in *base* (``~/.ssh`` for
+        the user's file, ``/etc/ssh`` for the system's, as OpenSSH and libssh do)."""
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
                 lines = f.read().splitlines()
@@ -93,9 +90,9 @@ class _Config:
                 continue
             elif key == "include" and depth < 8:
                 for pattern in args:
-                    full = os.path.join(self.sshdir, _expand(pattern, self.home, self.sshdir, {}))
+                    full = os.path.join(base, _expand(pattern, self.home, self.sshdir, {}))
                     for inc in sorted(glob.glob(full)):
-                        self.read(inc, depth + 1)
+                        self.read(inc, base, depth + 1)
             elif key == "identityfile":
                 self.identities.append(args[0])
             elif key in _KEYWORDS:
@@ -166,8 +163,8 @@ def load(user: str | None, host: str, port: int) -> ClientSetup:
     sshdir = os.path.join(home, ".ssh")
     remote_user = user if user is not None else entry.pw_name
     conf = _Config(host.lower(), home, sshdir)
-    conf.read(os.path.join(sshdir, "config"))
-    conf.read(GLOBAL_CONFIG)
+    conf.read(os.path.join(sshdir, "config"), sshdir)
+    conf.read(GLOBAL_CONFIG, os.path.dirname(GLOBAL_CONFIG))
     v = conf.values
     lookup_host = v.get("hostname", host)
     try:

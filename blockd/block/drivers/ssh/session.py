@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 #: Requests in flight per connection. 32 pieces of 255 KiB keep loopback and LAN links busy;
 #: more only adds memory.
 WINDOW = 32
+#: Write pieces in flight per connection, within the window. OpenSSH accepts 2 MiB before it
+#: adjusts its window; writes beyond that only wait in asyncssh's send buffer, which cuts them
+#: into packets by copying, and measured slower (8 pieces: 180-210 MiB/s on loopback, 32: 125-170).
+WRITE_WINDOW = 8
 #: Flow-control window and largest packet this client accepts: the whole request window may
 #: be answered without waiting for a window adjust, in few large packets (each packet costs a
 #: Python-level decrypt and parse; OpenSSH sends up to what the client allows).
@@ -187,6 +191,7 @@ class SftpSession:
         self.read_piece = min(limits.max_read_len or DEFAULT_PIECE, DEFAULT_PIECE)
         self.write_piece = min(limits.max_write_len or DEFAULT_PIECE, DEFAULT_PIECE)
         self.window = asyncio.Semaphore(WINDOW)
+        self.write_window = asyncio.Semaphore(WRITE_WINDOW)
         self.label = f"{user}@{conn.get_extra_info('peername')}"
         self._failed = False
 
@@ -317,7 +322,7 @@ class SftpSession:
         piece = self.write_piece
         n = len(data)
         if n <= piece:
-            await self._one("write", lambda: self.file.write(bytes(data), offset))
+            await self._write_piece(offset, data)
         else:
             await _all(
                 self._write_piece(offset + p, data[p : p + piece]) for p in range(0, n, piece)
@@ -325,7 +330,8 @@ class SftpSession:
         self.size = max(self.size, offset + n)
 
     async def _write_piece(self, offset: int, data: memoryview) -> None:
-        await self._one("write", lambda: self.file.write(bytes(data), offset))
+        async with self.write_window:
+            await self._one("write", lambda: self.file.write(bytes(data), offset))
 
     async def fsync(self) -> bool:
         """fsync@openssh.com; False when the server does not offer it."""
