@@ -244,7 +244,6 @@ CASES = [
     ),
     Case(
         "config-identityfile-other-host",
-        "config-include",
         steps(key_renamed, config("Host elsewhere\n IdentityFile ~/.ssh/mykey\n")),
         expect="=" + AUTH,
     ),
@@ -314,6 +313,7 @@ CASES = [
 
 #: Variations left out of the default run (``-m slow`` runs them): one case per rule stays in.
 SLOW = {
+    "config-include",
     "config-identityfile-absolute",
     "config-identityfile-other-host",
     "config-strict-no-changed",
