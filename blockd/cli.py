@@ -15,6 +15,8 @@ from typing import Any
 
 from blockd import __version__
 from blockd.errors import QmpError
+from blockd.io import heap
+from blockd.logfmt import OneLineFormatter
 
 DEFAULT_SOCKET = "/tmp/blockd.sock"
 
@@ -82,11 +84,10 @@ def parse_blockdev(spec: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s blockd %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    heap.one_arena()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s blockd %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     blockdevs = []
     for spec in args.blockdev:
         try:

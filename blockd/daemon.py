@@ -31,6 +31,10 @@ class Daemon:
         #: Run at shutdown, last registered first, before the graph is closed.
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self._quit = asyncio.Event()
+        #: QMP commands run one at a time across all sessions, as QEMU's single dispatcher
+        #: coroutine runs them: a command that awaits I/O half-way (blockdev-del storing
+        #: bitmaps, a transaction) is never interleaved with another client's command.
+        self.monitor_lock = asyncio.Lock()
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
         """Send an event to every negotiated QMP session."""
@@ -53,6 +57,7 @@ class Daemon:
         try:
             for spec in blockdevs or []:
                 await self.add_blockdev(spec)
+            self.qmp.ready.set()
             await self._quit.wait()
         finally:
             await self.shutdown()

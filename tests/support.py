@@ -94,7 +94,11 @@ class Daemon:
 
 
 def start_blockd(
-    tmp: Path, *extra: str, name: str = "blockd", env: dict[str, str] | None = None
+    tmp: Path,
+    *extra: str,
+    name: str = "blockd",
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Daemon:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
@@ -103,7 +107,7 @@ def start_blockd(
             [sys.executable, "-m", "blockd", "--socket", str(sock), "--log-level", "debug", *extra],
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=cwd or ROOT,
             env=env,
         )
     wait_for_socket(sock, proc)

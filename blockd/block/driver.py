@@ -13,7 +13,7 @@ import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from blockd.block.perm import ChildRole, Perm
+from blockd.block.perm import ChildRole, Perm, default_child_perm
 from blockd.block.status import BlockStatus, Extent
 from blockd.errors import QmpError
 
@@ -138,23 +138,26 @@ class BlockDriver:
     def has_zero_init(self) -> bool:
         return False
 
+    def internal_bitmap_infos(self) -> list[dict[str, Any]]:
+        """``dirty-bitmaps`` entries for bitmaps a job keeps on this node (QEMU lists the
+        copy-before-write filter's anonymous bitmaps)."""
+        return []
+
     def child_perm(self, role: ChildRole, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         """What this node needs on a child in *role*, given what its own parents need
         (QEMU's bdrv_default_perms)."""
-        if role & ChildRole.FILTERED:
-            return perm, shared
-        if role & ChildRole.COW:
-            return (
-                perm & Perm.CONSISTENT_READ,
-                Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED,
-            )
-        need = perm & ~Perm.RESIZE
-        if perm & (Perm.WRITE | Perm.RESIZE):
-            # Format drivers rewrite metadata and grow files when written to.
-            need |= Perm.WRITE | Perm.RESIZE
-        if perm:
-            need |= Perm.CONSISTENT_READ
-        return need, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+        return default_child_perm(not self.node.read_only, role, perm, shared)
+
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        """A permission update wants this node's users to hold *perm* and share *shared*:
+        raise QmpError if the host side (locks) cannot have it. Followed by exactly one of
+        :meth:`set_perm` or :meth:`abort_perm` (see blockd.block.perm.PermUpdate)."""
+
+    def set_perm(self) -> None:
+        """The update that called :meth:`check_perm` is committed."""
+
+    def abort_perm(self) -> None:
+        """The update that called :meth:`check_perm` is rolled back."""
 
     def on_child_replaced(self, child: BdrvChild) -> None:
         """A child edge now points to another node (snapshot or pivot below us)."""

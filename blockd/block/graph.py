@@ -8,14 +8,16 @@ as long as something refers to them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
-from blockd.block.driver import driver_class
-from blockd.block.node import BdrvChild, BlockNode
-from blockd.block.perm import ChildRole, Perm
+from blockd.block.driver import BlockDriver, driver_class
+from blockd.block.node import BdrvChild, BlockNode, inside_graph, leave_graph
+from blockd.block.perm import ChildRole, PermUpdate, perm_update, refresh, release_perms
 from blockd.errors import QmpError
 
 log = logging.getLogger(__name__)
@@ -160,37 +162,77 @@ class BlockGraph:
             raise
 
     def attach(
-        self, parent: BlockNode, node: BlockNode, name: str, role: ChildRole, owned: bool = False
+        self,
+        parent: BlockNode,
+        node: BlockNode,
+        name: str,
+        role: ChildRole,
+        owned: bool = False,
+        update: PermUpdate | None = None,
     ) -> BdrvChild:
+        """Make *node* the *name* child of *parent*; **raises** QmpError (and changes
+        nothing) on a cycle or a permission conflict anywhere below."""
         if node is parent or parent in _all_descendants(node):
             raise QmpError(
                 f"Making '{node.node_name}' a {name} child of '{parent.node_name}' would "
                 "create a cycle"
             )
-        perm, shared = parent.cumulative_perms()
-        perm, shared = parent.driver.child_perm(role, perm, shared)
-        if parent.read_only:
-            perm &= ~(Perm.WRITE | Perm.RESIZE)
+        perm, shared = parent.driver.child_perm(role, *parent.cumulative_perms())
         edge = BdrvChild(name, role, parent, node, perm, shared, owned)
-        node.check_perm_conflict(edge)
-        node.parents.append(edge)
-        parent.children[name] = edge
-        try:
-            node.perms_changed()
-        except BaseException:
-            node.parents.remove(edge)
-            del parent.children[name]
-            raise
+        with perm_update(update) as upd:
+            node.parents.append(edge)
+            parent.children[name] = edge
+
+            def undo() -> None:
+                node.parents.remove(edge)
+                del parent.children[name]
+
+            upd.undo.append(undo)
+            refresh([node], upd)
         return edge
 
+    def check_chain_not_frozen(self, top: BlockNode, base: BlockNode | None) -> None:
+        """No backing or filter link from *top* down to *base* may be frozen (QEMU's
+        bdrv_is_backing_chain_frozen, with its text)."""
+        cur: BlockNode | None = top
+        while cur is not None and cur is not base:
+            edge = _filter_or_cow_child(cur)
+            if edge is None:
+                return
+            if edge.frozen:
+                raise QmpError(
+                    f"Cannot change '{edge.name}' link from '{cur.node_name}' to "
+                    f"'{edge.node.node_name}'"
+                )
+            cur = edge.node
+
+    def freeze_chain(self, top: BlockNode, base: BlockNode | None, frozen: bool) -> None:
+        """Freeze (or thaw) the backing and filter links from *top* down to *base*: what a
+        stream or commit works on cannot be changed under it (QEMU's
+        bdrv_freeze_backing_chain). Checks first, so freezing is all or nothing."""
+        if frozen:
+            self.check_chain_not_frozen(top, base)
+        cur: BlockNode | None = top
+        while cur is not None and cur is not base:
+            edge = _filter_or_cow_child(cur)
+            if edge is None:
+                return
+            edge.frozen = frozen
+            cur = edge.node
+
     async def detach(self, edge: BdrvChild) -> None:
+        if edge.frozen:
+            raise QmpError(
+                f"Cannot change frozen '{edge.name}' link from '{_parent_name(edge)}' to "
+                f"'{edge.node.node_name}'"
+            )
         parent = edge.parent
         if isinstance(parent, BlockNode) and parent.children.get(edge.name) is edge:
             del parent.children[edge.name]
         node = edge.node
         if edge in node.parents:
             node.parents.remove(edge)
-            node.perms_changed()
+            release_perms(node)
         if edge.owned:
             await self.maybe_free(node)
 
@@ -220,13 +262,14 @@ class BlockGraph:
         node = self.nodes.get(name)
         if node is None:
             raise QmpError(f"Failed to find node with node-name='{name}'")
-        if not node.monitor_owned:
-            raise QmpError(f"Node {name} is not owned by the monitor")
+        # QEMU's order: a user that is not a node, op blockers, ownership, other parents.
+        if any(e.backend for e in node.parents):
+            raise QmpError(f"Node {name} is in use")
         node.check_not_busy()
         node.check_not_backing()
+        if not node.monitor_owned:
+            raise QmpError(f"Node {name} is not owned by the monitor")
         if node.parents:
-            if any(not isinstance(e.parent, BlockNode) for e in node.parents):
-                raise QmpError(f"Node {name} is in use")
             raise QmpError(f"Block device {name} is in use")
         # Before anything is torn down: if the bitmaps cannot be written, the node stays
         # (with them) and the user is told, instead of losing them on close.
@@ -235,19 +278,43 @@ class BlockGraph:
         await self.maybe_free(node)
 
     # -- graph changes ---------------------------------------------------------------------
-    def replace(self, old: BlockNode, new: BlockNode, keep: set[BdrvChild] | None = None) -> None:
-        """Move every parent edge of *old* (except *keep* and edges from *new*'s own chain)
-        to *new*: the heart of snapshots and pivots.
+    def replace(
+        self,
+        old: BlockNode,
+        new: BlockNode,
+        keep: set[BdrvChild] | None = None,
+        update: PermUpdate | None = None,
+    ) -> None:
+        """Move every parent edge of *old* to *new* (QEMU's bdrv_replace_node): the heart of
+        snapshots, pivots and filter insertion. Edges in *keep*, and edges whose parent
+        *new* reaches (moving them would make a cycle), stay. All or nothing: a permission
+        conflict or a frozen edge leaves every edge as it was.
 
-        **Concurrency:** callers drain both nodes first so no request sees a half-moved graph.
+        **Concurrency:** callers quiesce both nodes first so no request sees a half-moved
+        graph.
         """
         keep = keep or set()
         below_new = _all_descendants(new) | {new}
         moving = [e for e in old.parents if e not in keep and e.parent not in below_new]
         for edge in moving:
-            old.parents.remove(edge)
-            edge.node = new
-            new.parents.append(edge)
+            if edge.frozen:
+                raise QmpError(f"Cannot change '{edge.name}' link to '{old.node_name}'")
+        old_parents, new_parents = list(old.parents), list(new.parents)
+        with perm_update(update) as upd:
+            for edge in moving:
+                old.parents.remove(edge)
+                edge.node = new
+                new.parents.append(edge)
+
+            def undo() -> None:
+                for edge in moving:
+                    edge.node = old
+                old.parents[:] = old_parents
+                new.parents[:] = new_parents
+
+            upd.undo.append(undo)
+            refresh([new, old], upd)
+        for edge in moving:
             parent = edge.parent
             if isinstance(parent, BlockNode):
                 parent.driver.on_child_replaced(edge)
@@ -255,8 +322,103 @@ class BlockGraph:
                 hook = getattr(parent, "on_node_replaced", None)
                 if hook is not None:
                     hook(edge, old, new)
-        old.perms_changed()
-        new.perms_changed()
+
+    # -- quiescing -----------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def drained(self, *nodes: BlockNode) -> AsyncIterator[None]:
+        """A section in which no new request from outside reaches *nodes* (QEMU's
+        bdrv_drained_begin/end): requests entering at the nodes or anywhere above them
+        (exports, jobs) wait at the node where they enter, and the section begins once the
+        requests in flight at that moment have finished. Requests that arrive meanwhile are
+        not waited for, so steady I/O cannot starve the caller. The caller's own requests
+        (a flush, a reopen writing metadata) pass.
+
+        Every graph change that moves edges under running I/O (snapshot, pivot, reopen,
+        block_resize, backing change) runs inside one.
+        """
+        closure: list[BlockNode] = []
+        todo = list(nodes)
+        while todo:
+            n = todo.pop()
+            if n in closure:
+                continue
+            closure.append(n)
+            todo.extend(e.parent for e in n.parents if isinstance(e.parent, BlockNode))
+        for n in closure:
+            n.begin_quiesce()
+        token = inside_graph()
+        try:
+            waits = [ev for n in closure for ev in n.in_flight_events()]
+            for ev in waits:
+                await ev.wait()
+            yield
+        finally:
+            leave_graph(token)
+            for n in closure:
+                n.end_quiesce()
+
+    # -- filters -------------------------------------------------------------------------
+    def new_filter(self, cls: type[BlockDriver], name: str | None) -> BlockNode:
+        """A filter node, not yet in the graph: the caller configures its driver, then
+        :meth:`insert_filter` puts it in."""
+        if name is not None:
+            check_id(name)
+            if len(name) > MAX_NAME:
+                raise QmpError("Node name too long")
+            if name in self.nodes:
+                raise QmpError(f"Duplicate nodes with node-name='{name}'")
+        node = BlockNode(self, name or self.gen_name(), cls)
+        node.implicit = name is None
+        return node
+
+    def insert_filter(
+        self,
+        node: BlockNode,
+        below: BlockNode,
+        extra_children: tuple[tuple[str, BlockNode, ChildRole], ...] = (),
+        update: PermUpdate | None = None,
+    ) -> None:
+        """Put filter *node* above *below* (QEMU's bdrv_insert_node): its ``file`` child is
+        *below*, then every parent of *below* moves to it. All or nothing."""
+        from blockd.block.drivers.filter import FilterDriver
+
+        assert isinstance(node.driver, FilterDriver)
+        node.read_only = below.read_only
+        with perm_update(update) as upd:
+            self.nodes[node.node_name] = node
+            upd.undo.append(lambda: self._forget(node))
+            try:
+                own = self.attach(node, below, "file", ChildRole.filtered(), update=upd)
+                for name, child, role in extra_children:
+                    self.attach(node, child, name, role, update=upd)
+            except QmpError as exc:
+                raise QmpError(f"Could not create node: {exc.desc}") from None
+            try:
+                self.replace(below, node, keep={own}, update=upd)
+            except QmpError as exc:
+                raise QmpError(f"Could not replace node: {exc.desc}") from None
+        node.driver.on_inserted()
+        log.info("inserted filter %s (%s) above %s", node.node_name, node.drv, below.node_name)
+
+    def _forget(self, node: BlockNode) -> None:
+        self.nodes.pop(node.node_name, None)
+
+    def remove_filter(self, node: BlockNode) -> None:
+        """Take filter *node* out again: its parents move back to its child, its edges go.
+        Synchronous, so no request can slip between the two."""
+        child = node.filtered_child()
+        if child is None or self.nodes.get(node.node_name) is not node:
+            return
+        with perm_update() as upd:
+            self.replace(node, child, update=upd)
+        for edge in list(node.children.values()):
+            del node.children[edge.name]
+            if edge in edge.node.parents:
+                edge.node.parents.remove(edge)
+                release_perms(edge.node)
+        del self.nodes[node.node_name]
+        node.closed = True
+        log.info("removed filter %s above %s", node.node_name, child.node_name)
 
     async def close_all(self) -> None:
         """Daemon shutdown: flush and close every node, parents before children."""
@@ -266,6 +428,20 @@ class BlockGraph:
             except Exception as exc:
                 log.error("closing %s failed: %s", node.node_name, exc)
         self.nodes.clear()
+
+
+def _filter_or_cow_child(node: BlockNode) -> BdrvChild | None:
+    """The edge a chain walk follows from *node*: its filtered child, else its backing."""
+    if node.driver.is_filter:
+        for edge in node.children.values():
+            if edge.role & ChildRole.FILTERED:
+                return edge
+    return node.children.get("backing")
+
+
+def _parent_name(edge: BdrvChild) -> str:
+    parent = edge.parent
+    return parent.node_name if isinstance(parent, BlockNode) else parent.parent_desc()
 
 
 def _all_descendants(node: BlockNode) -> set[BlockNode]:

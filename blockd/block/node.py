@@ -9,6 +9,7 @@ so none of those rules can be bypassed by a driver or a caller.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import json
 import logging
@@ -17,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from blockd.block.driver import BlockDriver, WriteFlags
-from blockd.block.perm import ChildRole, Perm
+from blockd.block.perm import (
+    ChildRole,
+    Perm,
+    PermUpdate,
+    cumulative,
+    perm_update,
+    refresh,
+    release_perms,
+)
 from blockd.block.status import BlockStatus, Extent
 
 if TYPE_CHECKING:
@@ -26,6 +35,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ZERO = bytes(1024 * 1024)
+
+#: Set while a task works inside the graph: a node's driver calling its children, or the
+#: code that holds a drained section. Such requests pass quiesced nodes (QEMU stops only
+#: the external sources of requests, BlockBackends and jobs, during a drain); a request that
+#: enters the graph from outside (an export, a job's copy loop) waits at a quiesced node.
+_INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("blockd_inside", default=False)
+
+
+def inside_graph() -> contextvars.Token[bool]:
+    """Mark the current task as working inside the graph (see :data:`_INSIDE`)."""
+    return _INSIDE.set(True)
+
+
+def leave_graph(token: contextvars.Token[bool]) -> None:
+    _INSIDE.reset(token)
 
 
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
@@ -56,7 +80,9 @@ WriteHook = Callable[["BlockNode", int, int], Awaitable[None]]
 class Parent(Protocol):
     """Anything that can hold a child edge: a node or a :class:`BlockUser`."""
 
-    def parent_label(self) -> str: ...
+    def parent_desc(self) -> str:
+        """How permission conflicts name this parent (QEMU's get_parent_desc)."""
+        ...
 
 
 @dataclass(eq=False)
@@ -72,44 +98,90 @@ class BdrvChild:
     #: The parent created the child from inline options and frees it when the edge goes;
     #: a child given by name belongs to whoever opened it (the monitor, a job, a command).
     owned: bool = False
+    #: A job works on this edge (stream, commit): nothing may detach or replace it.
+    frozen: bool = False
+    #: The parent is a BlockBackend (an export, a job's main node), not a job's extra node
+    #: (QEMU's child_root versus child_job): ``blockdev-del`` words its refusal differently.
+    backend: bool = False
 
 
 class BlockUser:
     """A parent that is not a node: an export, a job, a monitor reference (QEMU BlockBackend).
 
-    *label* is what ``Node 'x' is busy: …`` messages and permission conflicts name.
+    *desc* is how permission conflicts name it: QEMU says "an unnamed block device" for an
+    export's BlockBackend and "backup job 'j'" for a job.
     """
 
-    def __init__(self, label: str) -> None:
-        self.label = label
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
         self.edges: list[BdrvChild] = []
 
-    def parent_label(self) -> str:
-        return self.label
+    def parent_desc(self) -> str:
+        return self.desc
 
-    def attach(self, node: BlockNode, perm: Perm, shared: Perm, name: str = "root") -> BdrvChild:
-        edge = BdrvChild(name, ChildRole.DATA, self, node, perm, shared)
-        node.check_perm_conflict(edge)
-        node.parents.append(edge)
-        try:
-            node.perms_changed()
-        except BaseException:
-            node.parents.remove(edge)
-            raise
-        self.edges.append(edge)
+    def attach(
+        self,
+        node: BlockNode,
+        perm: Perm,
+        shared: Perm,
+        name: str = "root",
+        update: PermUpdate | None = None,
+        backend: bool = True,
+    ) -> BdrvChild:
+        """Become a parent of *node*; **raises** QmpError (and changes nothing) when the
+        permissions conflict. *backend*: False for a job's extra nodes."""
+        edge = BdrvChild(name, ChildRole.DATA, self, node, perm, shared, backend=backend)
+        with perm_update(update) as upd:
+            node.parents.append(edge)
+            self.edges.append(edge)
+
+            def undo() -> None:
+                node.parents.remove(edge)
+                self.edges.remove(edge)
+
+            upd.undo.append(undo)
+            refresh([node], upd)
         return edge
+
+    def set_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> None:
+        """Change what this user needs and shares on *edge* (QEMU's blk_set_perm); all or
+        nothing."""
+        old = (edge.perm, edge.shared)
+        with perm_update() as upd:
+            edge.perm, edge.shared = perm, shared
+
+            def undo() -> None:
+                edge.perm, edge.shared = old
+
+            upd.undo.append(undo)
+            refresh([edge.node], upd)
+
+    def adopt(self, edge: BdrvChild) -> None:
+        """Take over *edge* from another user (an export built after its node was taken)."""
+        old = edge.parent
+        if isinstance(old, BlockUser) and edge in old.edges:
+            old.edges.remove(edge)
+        edge.parent = self
+        self.edges.append(edge)
 
     async def detach_all(self) -> None:
         for edge in list(self.edges):
             await self.detach(edge)
 
-    async def detach(self, edge: BdrvChild) -> None:
+    def detach_sync(self, edge: BdrvChild) -> BlockNode | None:
+        """Drop *edge* and give its permissions back; the node, if it may now be freed."""
         if edge in self.edges:
             self.edges.remove(edge)
         node = edge.node
-        if edge in node.parents:
-            node.parents.remove(edge)
-            node.perms_changed()
+        if edge not in node.parents:
+            return None
+        node.parents.remove(edge)
+        release_perms(node)
+        return node
+
+    async def detach(self, edge: BdrvChild) -> None:
+        node = self.detach_sync(edge)
+        if node is not None:
             await node.graph.maybe_free(node)
 
 
@@ -120,6 +192,7 @@ class _Req:
     write: bool
     serialising: bool
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    token: contextvars.Token[bool] | None = None
 
 
 class BlockNode:
@@ -147,15 +220,16 @@ class BlockNode:
         #: Op blockers: owner -> reason ("block device is in use by block job: backup").
         self.blockers: dict[object, str] = {}
         self._reqs: list[_Req] = []
+        #: Drained sections holding this node (graph.drained): new external requests wait.
+        self.quiesce = 0
+        self._unquiesced = asyncio.Event()
+        self._unquiesced.set()
         self.closed = False
         self.write_threshold = 0
 
     # -- naming and structure ------------------------------------------------------------
     def __repr__(self) -> str:
         return f"<BlockNode {self.node_name} {self.driver.format_name}>"
-
-    def parent_label(self) -> str:
-        return f"node '{self.node_name}'"
 
     @property
     def drv(self) -> str:
@@ -179,6 +253,22 @@ class BlockNode:
                     return c.node
         return None
 
+    def skip_filters(self) -> BlockNode:
+        """The first node at or below this one that is not a filter (bdrv_skip_filters)."""
+        node: BlockNode = self
+        while node.driver.is_filter:
+            below = node.filtered_child()
+            if below is None:
+                break
+            node = below
+        return node
+
+    def cow_backing(self) -> BlockNode | None:
+        """The backing node whose data shows through this node's unallocated ranges, looking
+        through filters on both sides."""
+        back = self.skip_filters().backing
+        return back.skip_filters() if back is not None else None
+
     def backing_chain(self) -> list[BlockNode]:
         """This node and its backing nodes, top first."""
         chain: list[BlockNode] = []
@@ -198,58 +288,17 @@ class BlockNode:
         return self.driver.filename()
 
     # -- permissions and blockers --------------------------------------------------------
-    def cumulative_perms(self, exclude: BdrvChild | None = None) -> tuple[Perm, Perm]:
-        perm = Perm(0)
-        shared = Perm.all()
-        for edge in self.parents:
-            if edge is exclude:
-                continue
-            perm |= edge.perm
-            shared &= edge.shared
-        return perm, shared
+    def parent_desc(self) -> str:
+        return f"node '{self.node_name}'"
 
-    def check_perm_conflict(self, new: BdrvChild, exclude: BdrvChild | None = None) -> None:
-        from blockd.block.perm import perm_names
-        from blockd.errors import QmpError
+    def cumulative_perms(self) -> tuple[Perm, Perm]:
+        """What the parents need of this node together, and what they all share."""
+        return cumulative(self)
 
-        if new.perm & (Perm.WRITE | Perm.RESIZE) and self.read_only and not self.auto_read_only:
-            raise QmpError("Block node is read-only")
-        for edge in self.parents:
-            if edge is exclude or edge is new:
-                continue
-            clash = new.perm & ~edge.shared
-            if clash:
-                raise QmpError(
-                    f"Conflicts with use by {edge.parent.parent_label()} as '{edge.name}', "
-                    f"which does not allow '{perm_names(clash)}' on {self.node_name}"
-                )
-            clash = edge.perm & ~new.shared
-            if clash:
-                raise QmpError(
-                    f"Conflicts with use by {edge.parent.parent_label()} as '{edge.name}', "
-                    f"which uses '{perm_names(clash)}' on {self.node_name}"
-                )
-
-    def perms_changed(self) -> None:
-        """Parents changed: recompute what this node needs of its children, down the graph,
-        and let drivers mirror it into host locks (file driver).
-
-        Like QEMU, a node that nobody uses holds no permissions, so a bare ``blockdev-add``
-        takes no lock; a writer (export, job, overlay) above it does.
-        """
-        perm, shared = self.cumulative_perms()
-        if self.read_only:
-            perm &= ~(Perm.WRITE | Perm.RESIZE)
-        for edge in self.children.values():
-            p, s = self.driver.child_perm(edge.role, perm, shared)
-            if self.read_only:
-                p &= ~(Perm.WRITE | Perm.RESIZE)
-            if (p, s) != (edge.perm, edge.shared):
-                edge.perm, edge.shared = p, s
-                edge.node.perms_changed()
-        hook = getattr(self.driver, "update_locks", None)
-        if hook is not None:
-            hook()
+    def writable(self) -> bool:
+        """Whether writers may be attached (QEMU's bdrv_is_writable_after_reopen;
+        ``auto-read-only`` nodes become writable on demand)."""
+        return not self.read_only or self.auto_read_only
 
     def busy_reason(self) -> str | None:
         for reason in self.blockers.values():
@@ -283,6 +332,8 @@ class BlockNode:
         a write follows every earlier overlapping write, and a serialising request (RMW,
         copy-before-write) excludes every overlapping request.
         """
+        while self.quiesce and not _INSIDE.get():
+            await self._unquiesced.wait()
         req = _Req(start, end, write, serialising)
         earlier = [
             r
@@ -292,6 +343,8 @@ class BlockNode:
             and (r.serialising or serialising or (write and r.write))
         ]
         self._reqs.append(req)
+        # From here on, what this request asks of children is inside the graph.
+        req.token = _INSIDE.set(True)
         for r in earlier:
             await r.done.wait()
         return req
@@ -299,15 +352,31 @@ class BlockNode:
     def _end(self, req: _Req) -> None:
         self._reqs.remove(req)
         req.done.set()
+        if req.token is not None:
+            _INSIDE.reset(req.token)
 
     @property
     def in_flight(self) -> int:
         return len(self._reqs)
 
+    def in_flight_events(self) -> list[asyncio.Event]:
+        """What to wait for so that every request in flight *now* has finished."""
+        return [r.done for r in self._reqs]
+
     async def drain(self) -> None:
-        """Wait until every request that is in flight now has finished."""
-        while self._reqs:
-            await self._reqs[-1].done.wait()
+        """Wait until every request that is in flight now has finished; requests that
+        arrive meanwhile are not waited for (a steady writer cannot starve the caller)."""
+        for done in self.in_flight_events():
+            await done.wait()
+
+    def begin_quiesce(self) -> None:
+        self.quiesce += 1
+        self._unquiesced.clear()
+
+    def end_quiesce(self) -> None:
+        self.quiesce -= 1
+        if not self.quiesce:
+            self._unquiesced.set()
 
     # -- the request path ----------------------------------------------------------------
     @property
@@ -441,6 +510,9 @@ class BlockNode:
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         self._check_write()
         old = self.length
+        # Only the requests in flight here are waited for: formats grow their file from
+        # inside a request, so a drained section (which waits for the parents too) would
+        # wait for the caller itself. block_resize quiesces the graph around this call.
         await self.drain()
         await self.driver.truncate(size, exact, prealloc)
         for bm in self.dirty_bitmaps:
@@ -474,7 +546,7 @@ class BlockNode:
         if ext.end > offset + nbytes:
             ext.length = offset + nbytes - ext.offset
         if not ext.flags & BlockStatus.ALLOCATED and not ext.flags & BlockStatus.ZERO:
-            back = self.backing
+            back = self.cow_backing()
             if back is None or offset >= back.length:
                 ext.flags |= BlockStatus.ZERO
             elif offset + ext.length > back.length:
@@ -484,26 +556,32 @@ class BlockNode:
     async def block_status_above(
         self, offset: int, nbytes: int, base: BlockNode | None = None
     ) -> Extent:
-        """Status of the chain from this node down to (not including) *base*.
+        """Status of the chain from this node down to (not including) *base*, looking
+        through filters.
 
         ``ALLOCATED`` means some layer above *base* holds the range; ``depth`` tells which.
         """
         depth = 0
+        if base is not None:
+            base = base.skip_filters()
+        # The top node is asked itself (a blkdebug filter injects block-status errors); below
+        # it, filters are looked through.
         cur: BlockNode | None = self
         want = nbytes
         while cur is not None and cur is not base:
             ext = await cur.block_status(offset, want)
             if ext.flags & BlockStatus.EOF:
                 return Extent(offset, 0, BlockStatus.EOF)
-            if ext.flags & BlockStatus.ALLOCATED or cur.backing is None or cur.backing is base:
+            back = cur.cow_backing()
+            if ext.flags & BlockStatus.ALLOCATED or back is None or back is base:
                 ext.depth = depth
                 return ext
-            if offset >= cur.backing.length:
+            if offset >= back.length:
                 ext.flags |= BlockStatus.ZERO
                 ext.depth = depth
                 return ext
             want = ext.length
-            cur = cur.backing
+            cur = back
             depth += 1
         return Extent(offset, want, BlockStatus(0), depth=depth)
 

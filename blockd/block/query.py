@@ -24,7 +24,7 @@ def image_info(node: BlockNode, flat: bool) -> dict[str, Any]:
 
 
 def bitmap_infos(node: BlockNode) -> list[dict[str, Any]]:
-    out = []
+    out = node.driver.internal_bitmap_infos()
     for bm in reversed(node.dirty_bitmaps):
         info = getattr(bm, "info", None)
         if info is not None:

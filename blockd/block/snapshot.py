@@ -17,7 +17,7 @@ from typing import Any
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
-from blockd.block.perm import ChildRole
+from blockd.block.perm import ChildRole, perm_update, refresh
 from blockd.errors import QmpError
 from blockd.qapi.base import ArgsValidator
 from blockd.qapi.block import BlockdevCreateOptions, BlockdevOptions
@@ -27,18 +27,46 @@ _CREATE = ArgsValidator(BlockdevCreateOptions)
 
 
 async def reopen_read_only(node: BlockNode, read_only: bool) -> None:
-    """Switch a node and its data children (not its backing) between ro and rw."""
-    if node.read_only == read_only:
+    """Switch a node and its data children (not its backing) between ro and rw, then update
+    the permissions of the whole subtree once (QEMU's bdrv_reopen_multiple): the file below a
+    qcow2 cannot become read-only on its own while the qcow2 above still writes it.
+
+    Going read-only, parents go first (a qcow2 stores its bitmaps while its file is still
+    writable); going read-write, children go first. If the permission update fails, every
+    node is reopened back.
+    """
+    nodes: list[BlockNode] = []
+
+    def collect(n: BlockNode) -> None:
+        if n in nodes or n.read_only == read_only:
+            return
+        nodes.append(n)
+        for edge in n.children.values():
+            if not edge.role & ChildRole.COW:
+                collect(edge.node)
+
+    collect(node)
+    if not nodes:
         return
-    if read_only:
-        await node.flush()
-    for edge in list(node.children.values()):
-        if edge.role & ChildRole.COW:
-            continue
-        await reopen_read_only(edge.node, read_only)
-    await node.driver.reopen(read_only)
-    node.read_only = read_only
-    node.perms_changed()
+    order = nodes if read_only else list(reversed(nodes))
+    done: list[BlockNode] = []
+    try:
+        if read_only:
+            await node.flush()
+        for n in order:
+            await n.driver.reopen(read_only)
+            n.read_only = read_only
+            done.append(n)
+        with perm_update() as upd:
+            refresh([node], upd)
+    except BaseException:
+        for n in reversed(done):
+            try:
+                await n.driver.reopen(not read_only)
+                n.read_only = not read_only
+            except Exception:  # pragma: no cover - best effort; the first error is what counts
+                pass
+        raise
 
 
 async def create_qcow2_overlay(
@@ -147,13 +175,12 @@ class ExternalSnapshot:
         assert old is not None and new is not None
         self._old_read_only = old.read_only
         self._new_was_owned = new.monitor_owned
-        await old.drain()
-        await new.drain()
-        self.graph.attach(new, old, "backing", ChildRole.backing())
-        _backing_changed(new, old)
-        self.graph.replace(old, new)
-        new.monitor_owned = True
-        await reopen_read_only(old, True)
+        async with self.graph.drained(old, new):
+            self.graph.attach(new, old, "backing", ChildRole.backing())
+            _backing_changed(new, old)
+            self.graph.replace(old, new)
+            new.monitor_owned = True
+            await reopen_read_only(old, True)
         self._committed = True
 
     async def revert(self) -> None:
@@ -163,13 +190,13 @@ class ExternalSnapshot:
             return
         old, new = self.old, self.new
         assert old is not None and new is not None
-        await new.drain()
-        self.graph.replace(new, old)
-        edge = new.children.get("backing")
-        if edge is not None:
-            await self.graph.detach(edge)
-        _backing_changed(new, None)
-        await reopen_read_only(old, self._old_read_only)
+        async with self.graph.drained(old, new):
+            self.graph.replace(new, old)
+            edge = new.children.get("backing")
+            if edge is not None:
+                await self.graph.detach(edge)
+            _backing_changed(new, None)
+            await reopen_read_only(old, self._old_read_only)
         self._committed = False
         new.monitor_owned = self._new_was_owned
         if not self._existing:

@@ -4,9 +4,10 @@ the copy-before-write part of block/copy-before-write.c).
 A backup is a point-in-time copy: the target ends up holding the source exactly as it was when
 the job was created. Two things make that true, both built on one :class:`BlockCopy`:
 
-* a **copy-before-write hook** on the source (``BlockNode.before_write_hooks``): before any
-  write reaches the source, the old contents of the clusters it touches are copied to the
-  target (or the write waits for the background task already copying them);
+* a **copy-before-write filter** inserted above the source (``drivers/cbw.py``), which takes
+  over every parent of the source: before any write passes it, the old contents of the
+  clusters it touches are copied to the target (or the write waits for the background task
+  already copying them);
 * a **background loop** that copies every cluster of the copy bitmap that is still dirty.
 
 The sync mode only seeds the copy bitmap: everything (full, none), the top layer's allocated
@@ -27,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from blockd.bitmap.dirty import ALLOW_RO, DEFAULT, DirtyBitmap, find_bitmap
 from blockd.block.driver import WriteFlags
+from blockd.block.drivers.cbw import CopyBeforeWriteDriver
 from blockd.block.graph import MAX_NAME, check_id
 from blockd.block.node import BlockNode, BlockUser
-from blockd.block.perm import Perm
+from blockd.block.perm import ChildRole, Perm, perm_update
 from blockd.copy.block_copy import DEFAULT_WORKERS, BlockCopy, BlockCopyError, cluster_size_for
 from blockd.errors import QmpError, strerror
 from blockd.job.blockjob import BlockJob
@@ -38,6 +40,7 @@ from blockd.qapi.job import BlockdevOnError, JobType
 from blockd.qapi.job import JobStatus as S
 
 if TYPE_CHECKING:
+    from blockd.block.graph import BlockGraph
     from blockd.job.manager import JobManager
 
 log = logging.getLogger(__name__)
@@ -127,13 +130,14 @@ class BackupJob(BlockJob):
         self.owns_target = owns_target
         self.on_source_error = params.on_source_error
         self.on_target_error = params.on_target_error
-        self.user = BlockUser(f"block job '{job_id}'")
+        self.user = BlockUser(f"backup job '{job_id}'")
         self.progress_total = bcs.copy_bitmap.count() if sync_bitmap else source.length
         bcs.on_progress = self._progress
         bcs.on_skip = self._skip
         bcs.on_task = self.account  # every task counts against the speed limit
         # -- changes while running
-        self._hooked = False
+        #: The copy-before-write filter above the source while the job holds the graph.
+        self.cbw: BlockNode | None = None
         self._cleaned = False
 
     # -- progress (called by the copy engine) -------------------------------------------
@@ -144,31 +148,42 @@ class BackupJob(BlockJob):
         self.progress_total = max(self.progress_current, self.progress_total - nbytes)
 
     # -- setup and teardown --------------------------------------------------------------
-    def install(self) -> None:
-        """Take the nodes, block the target and start copy-before-write. Synchronous, so the
+    def install(self, graph: BlockGraph, filter_node_name: str | None) -> None:
+        """Insert the copy-before-write filter above the source and take the nodes, in one
+        permission update (QEMU's bdrv_cbw_append and block_job_create). Synchronous, so the
         point in time is exactly now: no write can slip between seeding and hooking.
-        On error nothing is left attached."""
-        try:
-            self.user.attach(
-                self.source, Perm.CONSISTENT_READ, Perm.all() & ~Perm.RESIZE, name="source"
+
+        **Raises** QmpError (QEMU's permission texts); then nothing is left attached."""
+        cbw = graph.new_filter(CopyBeforeWriteDriver, filter_node_name)
+        driver = cbw.driver
+        assert isinstance(driver, CopyBeforeWriteDriver)
+        bcs = self.bcs
+        driver.progress = lambda: (bcs.cluster_size, bcs.copy_bitmap.count() * bcs.cluster_size)
+        cbw.before_write_hooks.append(self._cbw)
+        with perm_update() as upd:
+            graph.insert_filter(
+                cbw, self.source, (("target", self.target, ChildRole.DATA),), update=upd
             )
-            self.user.attach(self.target, Perm.WRITE, Perm.all() & ~Perm.RESIZE, name="target")
-        except BaseException:
-            self.uninstall()
-            raise
+            self.user.attach(cbw, Perm(0), Perm.all(), name="main node", update=upd)
+            self.user.attach(
+                self.target, Perm(0), Perm.all(), name="target", update=upd, backend=False
+            )
+        self.cbw = cbw
         self.target.blockers[self] = _BLOCKER
-        self.source.before_write_hooks.append(self._cbw)
-        self._hooked = True
 
     def uninstall(self) -> None:
-        """Synchronous undo of :meth:`install` for a job that never ran (failed setup).
-        Nodes the job owned are freed by whoever opened them."""
+        """Synchronous undo of :meth:`install`: the filter goes, the source's parents are
+        back on it. Nodes the job owned are freed by whoever opened them."""
         self._unhook()
         for edge in list(self.user.edges):
-            self.user.edges.remove(edge)
-            if edge in edge.node.parents:
-                edge.node.parents.remove(edge)
-                edge.node.perms_changed()
+            self.user.detach_sync(edge)
+
+    def _unhook(self) -> None:
+        cbw, self.cbw = self.cbw, None
+        if cbw is not None:
+            cbw.before_write_hooks.clear()
+            cbw.graph.remove_filter(cbw)
+        self.target.blockers.pop(self, None)
 
     async def _cbw(self, node: BlockNode, offset: int, nbytes: int) -> None:
         """Copy-before-write: the old data must reach the target before the write proceeds;
@@ -177,13 +192,6 @@ class BackupJob(BlockJob):
             await self.bcs.copy(offset, nbytes)
         except BlockCopyError as exc:
             raise OSError(exc.errno, strerror(exc.errno)) from exc
-
-    def _unhook(self) -> None:
-        if self._hooked:
-            self._hooked = False
-            if self._cbw in self.source.before_write_hooks:
-                self.source.before_write_hooks.remove(self._cbw)
-            self.target.blockers.pop(self, None)
 
     # -- job hooks -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -288,8 +296,7 @@ def _check_bitmap_args(source: BlockNode, p: BackupParams) -> DirtyBitmap | None
 
 
 def _check_filter_name(graph: Any, name: str | None) -> None:
-    """The filter node QEMU would insert is not a node here (copy-before-write is a hook), but
-    its name is validated as QEMU does so scripts see the same errors."""
+    """QEMU names the copy-before-write filter *name*; its checks, with QEMU's prefix."""
     if name is None:
         return
     try:
@@ -364,12 +371,7 @@ def create_backup_job(
         job = BackupJob(
             manager, p.job_id or "", source, target, p, bcs, bm, owns_target=owns_target
         )
-        try:
-            job.install()
-        except QmpError as exc:
-            if exc.desc == "Block node is read-only":
-                raise QmpError(f"Could not create node: {exc.desc}") from None
-            raise
+        job.install(graph, p.filter_node_name)
         manager.check_new_id(p.job_id)
     except BaseException:
         if job is not None:

@@ -10,8 +10,10 @@ Completion follows QEMU: a job that succeeds waits for the rest of its transacti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from blockd.errors import QmpError, errno_of, strerror
@@ -66,6 +68,28 @@ class JobTxn:
     def __init__(self) -> None:
         self.jobs: list[Job] = []
         self.aborting = False
+        #: Set while the jobs are being finalized or aborted. QEMU does that without
+        #: yielding; here the commit/abort/clean hooks await I/O, so verbs that arrive
+        #: meanwhile wait for the end and then see the final state (never a half-finalized
+        #: job that could be finalized or cancelled a second time).
+        self._settling = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    @contextlib.asynccontextmanager
+    async def settling(self) -> AsyncIterator[None]:
+        self._settling += 1
+        self._settled.clear()
+        try:
+            yield
+        finally:
+            self._settling -= 1
+            if not self._settling:
+                self._settled.set()
+
+    async def wait_settled(self) -> None:
+        while self._settling:
+            await self._settled.wait()
 
     def add(self, job: Job) -> None:
         self.jobs.insert(0, job)
@@ -240,6 +264,10 @@ class Job:
     async def do_finalize(self) -> None:
         txn = self.txn
         assert txn is not None
+        async with txn.settling():
+            await self._do_finalize(txn)
+
+    async def _do_finalize(self, txn: JobTxn) -> None:
         for j in list(txn.jobs):
             if j.ret == 0:
                 try:
@@ -259,6 +287,10 @@ class Job:
         if txn.aborting:
             return
         txn.aborting = True
+        async with txn.settling():
+            await self._abort_members(txn)
+
+    async def _abort_members(self, txn: JobTxn) -> None:
         for other in txn.jobs:
             if other is not self:
                 other.cancel_async(force=True)
@@ -397,7 +429,12 @@ class Job:
             self.force_cancel = force
         self.enter()
 
+    async def _settle(self) -> None:
+        if self.txn is not None:
+            await self.txn.wait_settled()
+
     async def user_cancel(self, force: bool) -> None:
+        await self._settle()
         self.check_verb(JobVerb.CANCEL)
         force = self.on_cancel(force)
         self.cancel_async(force)
@@ -409,12 +446,14 @@ class Job:
             await self._txn_abort()
 
     async def user_complete(self) -> None:
+        await self._settle()
         self.check_verb(JobVerb.COMPLETE)
         if self.cancelled:
             raise QmpError(f"The active block job '{self.id}' cannot be completed")
         await self.on_complete()
 
     async def user_finalize(self) -> None:
+        await self._settle()
         self.check_verb(JobVerb.FINALIZE)
         await self.do_finalize()
 

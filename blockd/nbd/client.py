@@ -15,10 +15,12 @@ import itertools
 import logging
 import os
 import socket
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from blockd.nbd import protocol as P
+from blockd.net.sockets import AddressError, connect_inet, connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +88,16 @@ async def open_stream(
     shown = address[1] if kind == "unix" else f"{address[1]}:{address[2]}"
     try:
         if kind == "unix":
-            coro = asyncio.open_unix_connection(address[1], limit=1024 * 1024)
+            coro = _open(connect_unix(address[1]))
         else:
-            coro = asyncio.open_connection(address[1], int(address[2]), limit=1024 * 1024)
+            coro = _open(connect_inet(address[1], address[2]))
         reader, writer = await asyncio.wait_for(coro, timeout)
     except TimeoutError:
         raise NbdConnectError(f"Failed to connect to '{shown}': Connection timed out") from None
     except socket.gaierror as exc:
         raise NbdConnectError(f"address resolution failed for {shown}: {exc.strerror}") from None
+    except AddressError as exc:
+        raise NbdConnectError(str(exc)) from None
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise NbdConnectError(f"Failed to connect to '{shown}': {reason}") from None
@@ -106,6 +110,17 @@ async def open_stream(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
     return reader, writer
+
+
+async def _open(
+    connecting: Awaitable[socket.socket],
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    sock = await connecting
+    try:
+        return await asyncio.open_connection(sock=sock, limit=1024 * 1024)
+    except BaseException:
+        sock.close()
+        raise
 
 
 class NbdClient:

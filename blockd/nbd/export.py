@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from blockd.bitmap.dirty import DirtyBitmap
 from blockd.block.node import BdrvChild, BlockNode, BlockUser
-from blockd.block.perm import Perm
 from blockd.block.status import BlockStatus
 from blockd.nbd import protocol as P
 
 if TYPE_CHECKING:
-    from blockd.nbd.server import NbdConnection
+    from blockd.nbd.transmission import NbdConnection
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class NbdExport(BlockUser):
         self,
         export_id: str,
         name: str,
-        node: BlockNode,
+        edge: BdrvChild,
         *,
         description: str | None,
         writable: bool,
@@ -50,7 +49,8 @@ class NbdExport(BlockUser):
         allocation_depth: bool,
         multi_conn: bool,
     ) -> None:
-        super().__init__(f"block device export '{export_id}'")
+        # QEMU's export BlockBackends have no name: conflicts call them this.
+        super().__init__("an unnamed block device")
         self.id = export_id
         self.name = name
         self.description = description
@@ -63,10 +63,10 @@ class NbdExport(BlockUser):
         self.connections: set[NbdConnection] = set()
         self.shutting_down = False
         self.deleted = asyncio.Event()
-        perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
-        self.edge: BdrvChild = self.attach(node, perm, Perm.all())
+        self.adopt(edge)
+        self.edge: BdrvChild = edge
         #: The size clients see, fixed when the export is created as QEMU does.
-        self.size = node.length
+        self.size = edge.node.length
 
     @property
     def node(self) -> BlockNode:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from pydantic import Field
 
-from blockd.qapi.base import QapiEnum, QapiModel, Size, UInt32, alternate, flat_union
+from blockd.qapi.base import Int64, QapiEnum, QapiModel, Size, UInt32, alternate, flat_union
 
 
 class BlockdevDriver(QapiEnum):
@@ -184,12 +184,13 @@ class BlockdevOptionsBlkdebug(BlockdevOptionsBase):
     driver: Literal[BlockdevDriver.BLKDEBUG]
     image: BlockdevRef
     config: str | None = None
-    align: UInt32 | None = None
-    max_transfer: UInt32 | None = None
-    opt_write_zero: UInt32 | None = None
-    max_write_zero: UInt32 | None = None
-    opt_discard: UInt32 | None = None
-    max_discard: UInt32 | None = None
+    # Range and constraint checks live in the driver, with QEMU's texts and order.
+    align: Int64 | None = None
+    max_transfer: Int64 | None = None
+    opt_write_zero: Int64 | None = None
+    max_write_zero: Int64 | None = None
+    opt_discard: Int64 | None = None
+    max_discard: Int64 | None = None
     inject_error: list[BlkdebugInjectErrorOptions] | None = None
     set_state: list[BlkdebugSetStateOptions] | None = None
     take_child_perms: list[BlockPermission] | None = None

@@ -187,9 +187,13 @@ def _show(ch: bytes) -> str:
         return f"\\x{ch[0]:02x}"
 
 
+#: A ``\\u`` escape in the surrogate range: json.loads would accept a lone one, QEMU refuses it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_value(raw: bytes) -> Any | JsonError:
     """Parse one complete value in QEMU's dialect, or say why it is malformed."""
-    if b"'" not in raw:
+    if b"'" not in raw and _SURROGATE_ESCAPE.search(raw) is None:
         try:
             return json.loads(raw, parse_constant=_no_constant)
         except (ValueError, RecursionError):
@@ -345,23 +349,33 @@ def _decode_string(token: bytes) -> str:
             i = j + 6
             if 0xD800 <= cp < 0xDC00 and body[i : i + 2] == b"\\u":
                 lo_hex = body[i + 2 : i + 6]
-                if re.fullmatch(rb"[0-9a-fA-F]{4}", lo_hex):
-                    lo = int(lo_hex, 16)
-                    if 0xDC00 <= lo < 0xE000:
-                        cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
-                        i += 6
-            if cp == 0:
-                raise _SyntaxError("\\u0000 is not supported")
+                if not re.fullmatch(rb"[0-9a-fA-F]{4}", lo_hex):
+                    raise _SyntaxError("invalid hex escape sequence in string")
+                lo = int(lo_hex, 16)
+                if 0xDC00 <= lo < 0xE000:
+                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
+                    i += 6
+            if 0xD800 <= cp < 0xE000:
+                # A surrogate that is not half of a pair: QEMU quotes the escape as written.
+                shown = body[j:i].decode()
+                raise _SyntaxError(f"{shown} is not a valid Unicode character")
+            # U+0000 is accepted, as QEMU 7.2 does (it stores it as modified UTF-8).
             out.append(chr(cp))
         else:
             raise _SyntaxError("invalid escape sequence in string")
     return "".join(out)
 
 
+#: A ``\\uXXXX`` escape in encoder output, not preceded by an escaped backslash.
+_ESCAPE_U = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9a-f]{4})")
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """One server message as QEMU writes it: compact ``", "``/``": "``, ASCII, CR LF."""
     text = json.dumps(message, ensure_ascii=True, separators=(", ", ": "))
-    # QEMU spells \\u escapes with upper-case hex digits.
+    # QEMU spells \\u escapes with upper-case hex digits. A string holding a backslash
+    # followed by "u00e9" as plain text must come back unchanged, so only real escapes
+    # (an even run of backslashes before them) are rewritten.
     if "\\u" in text:
-        text = re.sub(r"\\u([0-9a-f]{4})", lambda m: "\\u" + m.group(1).upper(), text)
+        text = _ESCAPE_U.sub(lambda m: m.group(1) + "\\u" + m.group(2).upper(), text)
     return text.encode() + b"\r\n"

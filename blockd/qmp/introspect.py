@@ -56,6 +56,9 @@ class _Builder:
         return "any"
 
     def ref(self, tp: Any) -> str:
+        if tp is None:
+            # An alternate's null branch (``BlockdevRefOrNull``) is written as ``None``.
+            tp = type(None)
         meta = union_meta(tp)
         if meta is not None:
             return self._union(meta)

@@ -52,6 +52,10 @@ class QmpServer:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._listening = False
+        #: Set once the command line's --blockdev nodes are open. Sessions wait for it before
+        #: their greeting: QSD runs no command before its whole command line is processed, and
+        #: a client that connects the moment the socket appears must find those nodes.
+        self.ready = asyncio.Event()
 
     async def start(self) -> None:
         claim_socket_path(self.path)
@@ -71,6 +75,7 @@ class QmpServer:
         if task is not None:
             self._tasks.add(task)
         try:
+            await self.ready.wait()
             await session.run()
         except asyncio.CancelledError:
             # Shutdown cancels sessions on purpose; ending quietly keeps Python 3.11's

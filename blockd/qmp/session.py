@@ -186,7 +186,8 @@ class QmpSession:
             log.debug("qmp#%d --> %s %s", self.num, name, args)
         try:
             parsed = cmd.validator.validate(args)
-            result = await cmd.handler(Context(self.daemon, self), parsed)
+            async with self.daemon.monitor_lock:
+                result = await cmd.handler(Context(self.daemon, self), parsed)
         except QmpError as exc:
             log.info("qmp#%d %s: %s", self.num, name, exc.desc)
             return fail(exc.desc, exc.qmp_class)

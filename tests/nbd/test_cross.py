@@ -186,7 +186,7 @@ def test_client_on_own_export_no_deadlock(tmp_path: Path) -> None:
 def test_client_errors(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "e.raw", 4 << 20)
     sock = tmp_path / "e.sock"
-    with daemon(tmp_path, "blockd") as (bd, q):
+    with daemon(tmp_path, "blockd") as (_bd, q):
         add_raw(q, "disk", image)
         _export(q, "disk", sock, "disk")
         cases = [
@@ -209,7 +209,9 @@ def test_client_errors(tmp_path: Path) -> None:
                 args["export"] = export
             r = q.cmd("blockdev-add", args)
             assert r.get("error", {}).get("desc") == desc, r
-        # open-timeout: retry until the server appears (meanwhile another monitor works).
+        # open-timeout: retry until the server appears. QMP commands are serialised across
+        # monitors (as in QSD, whose other monitors wait too), so the server that appears is
+        # another process.
         late = tmp_path / "late.sock"
         args = {
             "driver": "nbd",
@@ -221,36 +223,54 @@ def test_client_errors(tmp_path: Path) -> None:
         }
         q.send({"execute": "blockdev-add", "arguments": args, "id": "late"})
         time.sleep(0.5)
-        other = Qmp(bd.sock)
-        other.run("nbd-server-stop")
-        other.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(late)}}})
-        other.run("block-export-add", {"type": "nbd", "id": "disk", "node-name": "disk"})
-        other.close()
-        r = q.reply()
-        assert r == {"return": {}, "id": "late"}, r
-        # Image is read-only: a read-write client node is refused, auto-read-only falls back.
-        r = q.cmd(
-            "blockdev-add",
-            {
-                "driver": "nbd",
-                "node-name": "rw",
-                "server": {"type": "unix", "path": str(late)},
-                "export": "disk",
-            },
+        server = subprocess.Popen(
+            [
+                "qemu-nbd",
+                "-r",
+                "-x",
+                "disk",
+                "-k",
+                str(late),
+                "-t",
+                "-e",
+                "4",
+                "--image-opts",
+                f"driver=raw,file.driver=file,file.filename={image},file.locking=off",
+            ]
         )
-        assert r["error"]["desc"] == "Could not open image: Permission denied"
-        q.run(
-            "blockdev-add",
-            {
-                "driver": "nbd",
-                "node-name": "auto",
-                "auto-read-only": True,
-                "server": {"type": "unix", "path": str(late)},
-                "export": "disk",
-            },
-        )
-        ro = {n["node-name"]: n["ro"] for n in q.run("query-named-block-nodes")["return"]}
-        assert ro["auto"] is True
+        try:
+            r = q.reply()
+            assert r == {"return": {}, "id": "late"}, r
+            _late_server_checks(q, late)
+        finally:
+            server.terminate()
+            server.wait()
+
+
+def _late_server_checks(q: Qmp, late: Path) -> None:
+    """A read-only export: a read-write client node is refused, auto-read-only falls back."""
+    r = q.cmd(
+        "blockdev-add",
+        {
+            "driver": "nbd",
+            "node-name": "rw",
+            "server": {"type": "unix", "path": str(late)},
+            "export": "disk",
+        },
+    )
+    assert r["error"]["desc"] == "Could not open image: Permission denied"
+    q.run(
+        "blockdev-add",
+        {
+            "driver": "nbd",
+            "node-name": "auto",
+            "auto-read-only": True,
+            "server": {"type": "unix", "path": str(late)},
+            "export": "disk",
+        },
+    )
+    ro = {n["node-name"]: n["ro"] for n in q.run("query-named-block-nodes")["return"]}
+    assert ro["auto"] is True
 
 
 def test_reconnect_delay(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from nbdtest import Qmp, RawNbd, add_raw, daemon, has_command, make_raw, uri
 from support import have_qsd, qemu_io, run
 
 from blockd.block.graph import BlockGraph
+from blockd.block.node import BlockUser
+from blockd.block.perm import Perm
 from blockd.nbd import protocol as P
 from blockd.nbd.export import NbdExport
 from blockd.qapi.base import ArgsValidator
@@ -74,10 +76,11 @@ async def test_export_follows_node_replacement() -> None:
         v.validate({"driver": "null-co", "node-name": "old", "size": 1 << 20, "read-zeroes": True})
     )
     new = await graph.add(v.validate({"driver": "null-co", "node-name": "new", "size": 1 << 20}))
+    edge = BlockUser("an unnamed block device").attach(old, Perm.WRITE, Perm.all())
     exp = NbdExport(
         "e",
         "e",
-        old,
+        edge,
         description=None,
         writable=True,
         writethrough=False,

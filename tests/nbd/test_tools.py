@@ -92,8 +92,10 @@ def test_map_and_info_match_image(tmp_path: Path, fmt: str, transport: str) -> N
         # Convert over NBD, then compare byte for byte with the image.
         out = tmp_path / "copy.raw"
         qemu_img("convert", "-f", "raw", "-O", "raw", target, out)
-        qemu_img("compare", "-f", fmt, "-F", "raw", image, out)
-        qemu_img("compare", "-f", fmt, "-F", "raw", image, target)
+        # blockd holds the image open read-write (a writable qcow2 node takes the write lock
+        # at open, as in QEMU): reading it beside the daemon needs -U.
+        qemu_img("compare", "-U", "-f", fmt, "-F", "raw", image, out)
+        qemu_img("compare", "-U", "-f", fmt, "-F", "raw", image, target)
     # nbdinfo --map of the same image exported by QSD is the reference.
     if have_qsd:
         with daemon(tmp_path, "qsd") as (_d, q):

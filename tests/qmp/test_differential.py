@@ -46,6 +46,18 @@ SCENARIO: list[Any] = [
     '{"execute": "query-version", "id": tru}',
     '{"execute": "query-version", "id": "\\u00e9\\x"}',
     {"execute": "query-version", "id": {"a": [1, 2.5, None, True]}},
+    # Lone surrogates are refused by the parser, quoted as written; pairs and U+0000 pass.
+    '{"execute": "query-version", "arguments": {"x": "\\ud800"}}',
+    '{"execute": "query-version", "arguments": {"x": "\\uD800"}}',
+    '{"execute": "query-version", "arguments": {"x": "ab\\ud800\\u0041"}}',
+    '{"execute": "query-version", "arguments": {"x": "\\udc00\\ud800"}}',
+    '{"execute": "query-version", "arguments": {"\\ud800": 1}}',
+    '{"execute": "query-version", "id": ["\\udfff"]}',
+    '{"execute": "query-version", "id": "\\ud800", "x": }',
+    "{'execute': 'query-version', 'arguments': {'x': '\\ud800'}}",
+    '{"execute": "query-version", "id": "\\ud83d\\ude00"}',
+    "{'execute': 'query-version', 'id': 'a\\u0000b'}",
+    '{"execute": "query-version", "id": "\\\\ud800 \\\\u00e9"}',
     {"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n", "size": "5"}},
     {"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n", "size": 5.0}},
     {

@@ -9,6 +9,7 @@ how the rules are used in practice; events deep inside a format driver are not m
 
 from __future__ import annotations
 
+import dataclasses
 import errno as _errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from blockd.block.driver import BlockDriver, WriteFlags, register_driver
 from blockd.block.perm import ChildRole
 from blockd.block.status import Extent
+from blockd.errors import QmpError
 
 if TYPE_CHECKING:
     from blockd.block.node import BlockNode
@@ -28,6 +30,52 @@ _EVENTS_BY_IOTYPE = {
     "flush": {"flush_to_disk", "flush_to_os", "none"},
     "block-status": {"none"},
 }
+
+
+_INT_MAX = 2**31 - 1
+_SIZE_OPTIONS = (
+    "align",
+    "max-transfer",
+    "opt-write-zero",
+    "max-write-zero",
+    "opt-discard",
+    "max-discard",
+)
+
+
+def _check_ranges(options: Any) -> dict[str, int]:
+    """The size options, refused as QEMU refuses them before opening the image: QAPI
+    declares all but ``align`` int32, and QEMU reads every one as an unsigned size."""
+    sizes: dict[str, int] = {}
+    for name in _SIZE_OPTIONS:
+        value = getattr(options, name.replace("-", "_")) or 0
+        if name != "align" and not -(2**31) <= value <= _INT_MAX:
+            raise QmpError(f"Parameter '{name}' expects int32_t")
+        sizes[name] = value
+    for name in _SIZE_OPTIONS:
+        if sizes[name] < 0:
+            raise QmpError(f"Parameter '{name}' expects a non-negative number below 2^64")
+    return sizes
+
+
+def _check_constraints(sizes: dict[str, int], child_align: int) -> None:
+    """QEMU's blkdebug_open checks, in its order: each limit must be below INT_MAX and a
+    multiple of the alignment (the maximum ones of their optimum too)."""
+    align = sizes["align"]
+    if align and (align >= _INT_MAX or align & (align - 1)):
+        raise QmpError(f"Cannot meet constraints with align {align}")
+    base = max(align, child_align, 1)
+    multiple_of = {
+        "max-transfer": base,
+        "opt-write-zero": base,
+        "max-write-zero": max(sizes["opt-write-zero"], base),
+        "opt-discard": base,
+        "max-discard": max(sizes["opt-discard"], base),
+    }
+    for name, unit in multiple_of.items():
+        value = sizes[name]
+        if value and (value >= _INT_MAX or value % unit):
+            raise QmpError(f"Cannot meet constraints with {name} {value}")
 
 
 @dataclass
@@ -56,6 +104,7 @@ class BlkdebugDriver(BlockDriver):
         return self.node.children["image"].node
 
     async def open(self, options: Any, graph: Any) -> None:
+        sizes = _check_ranges(options)
         await graph.open_child(self.node, options.image, "image", ChildRole.filtered())
         for r in options.inject_error or []:
             self.rules.append(
@@ -70,11 +119,21 @@ class BlkdebugDriver(BlockDriver):
             )
         for s in options.set_state or []:
             self.transitions.append((str(s.event.value), s.state, s.new_state))
-        self.limits = self.child.driver.limits
-        if options.align:
-            self.limits.request_alignment = options.align
-        if options.max_transfer:
-            self.limits.max_transfer = options.max_transfer
+        # A copy: the child's own limits stay as they are for its other parents and after
+        # this filter is gone.
+        limits = dataclasses.replace(self.child.driver.limits)
+        _check_constraints(sizes, limits.request_alignment)
+        if sizes["align"]:
+            limits.request_alignment = sizes["align"]
+        if sizes["max-transfer"]:
+            limits.max_transfer = sizes["max-transfer"]
+        if sizes["opt-write-zero"]:
+            limits.pwrite_zeroes_alignment = sizes["opt-write-zero"]
+        if sizes["max-write-zero"]:
+            limits.max_pwrite_zeroes = sizes["max-write-zero"]
+        if sizes["opt-discard"]:
+            limits.pdiscard_alignment = sizes["opt-discard"]
+        self.limits = limits
 
     def _check(self, iotype: str, offset: int, nbytes: int) -> None:
         events = _EVENTS_BY_IOTYPE[iotype]

@@ -21,6 +21,7 @@ from blockd.block.driver import BlockDriver, WriteFlags, register_driver
 from blockd.block.perm import PERM_NAMES, Perm
 from blockd.block.status import BlockStatus, Extent
 from blockd.errors import QmpError
+from blockd.io.paths import c_bytes, real_path
 from blockd.io.pool import run_blocking
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -61,13 +62,13 @@ def _open_blocking(path: str, flags: int, ro: bool, auto_ro: bool) -> tuple[int,
     """Open *path* (falling back to read-only when ``auto-read-only`` allows) and return
     ``(fd, read_only, length, hole_free)``; errors carry QEMU's "Could not open" text."""
     try:
-        fd = os.open(path, flags | (os.O_RDONLY if ro else os.O_RDWR))
+        fd = os.open(c_bytes(path), flags | (os.O_RDONLY if ro else os.O_RDWR))
     except OSError as exc:
         if ro or not auto_ro or exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise QmpError(f"Could not open '{path}': {exc.strerror}") from None
         ro = True
         try:
-            fd = os.open(path, flags | os.O_RDONLY)
+            fd = os.open(c_bytes(path), flags | os.O_RDONLY)
         except OSError as exc2:
             raise QmpError(f"Could not open '{path}': {exc2.strerror}") from None
     st = os.fstat(fd)
@@ -145,6 +146,9 @@ class FileDriver(BlockDriver):
         self._dense = False
         self._locking = True
         self._held: tuple[Perm, Perm] = (Perm(0), Perm(0))
+        #: During a permission update: the state before it, and the state it wants.
+        self._before: tuple[Perm, Perm] | None = None
+        self._want: tuple[Perm, Perm] = (Perm(0), Perm(0))
         self._zero_range_ok = True
         self._realpath = ""
 
@@ -158,7 +162,7 @@ class FileDriver(BlockDriver):
         self.fd, self.node.read_only, self._length, self._dense = await run_blocking(
             _open_blocking, self.path, flags, self.node.read_only, self.node.auto_read_only
         )
-        self._realpath = await run_blocking(os.path.realpath, self.path)
+        self._realpath = await run_blocking(real_path, self.path)
         if self.node.cache_direct:
             self.limits.request_alignment = 4096 if self._probe_direct_4k() else 512
         self.limits.max_transfer = 0
@@ -176,6 +180,7 @@ class FileDriver(BlockDriver):
     async def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
+            self._held = (Perm(0), Perm(0))
             os.close(fd)  # closing drops the OFD locks too
 
     async def reopen(self, read_only: bool) -> None:
@@ -185,43 +190,62 @@ class FileDriver(BlockDriver):
         if self.node.cache_direct:
             flags |= os.O_DIRECT
         try:
-            fd = os.open(self.path, flags)
+            fd = os.open(c_bytes(self.path), flags)
         except OSError as exc:
             raise QmpError(f"Could not reopen file: {exc.strerror}") from None
+        # The new descriptor takes over the locks the old one holds before the old one is
+        # closed (closing drops its locks); the caller's permission update then adjusts
+        # them to the new mode.
+        held, self._held = self._held, (Perm(0), Perm(0))
         old, self.fd = self.fd, fd
-        self._held = (Perm(0), Perm(0))
-        self.node.read_only = read_only
-        try:
-            self.update_locks()
-        except QmpError:
-            self.fd = old
-            os.close(fd)
-            self.node.read_only = not read_only
-            raise
+        self._apply_locks(*held)
         os.close(old)
+        self.node.read_only = read_only
 
     # -- locking -------------------------------------------------------------------------
-    def update_locks(self) -> None:
-        """Mirror the node's combined permissions into OFD locks (file-posix.c's scheme)."""
+    # The node's combined permissions live in OFD locks (file-posix.c's scheme): byte
+    # 100+bit held while blockd uses a permission, 200+bit while it does not share it.
+    # A permission update first takes the union of the old and the new state and tests
+    # other processes' locks against the new one, then settles on the new state (commit) or
+    # goes back to the old (rollback), so a failed update never drops a lock we held.
+    def _apply_locks(self, perm: Perm, unshared: Perm) -> None:
+        held_perm, held_unshared = self._held
+        for i, bit in enumerate(_LOCK_BITS):
+            if (perm ^ held_perm) & bit:
+                _lock_set(
+                    self.fd, LOCK_PERM_BASE + i, fcntl.F_RDLCK if perm & bit else fcntl.F_UNLCK
+                )
+            if (unshared ^ held_unshared) & bit:
+                kind = fcntl.F_RDLCK if unshared & bit else fcntl.F_UNLCK
+                _lock_set(self.fd, LOCK_SHARED_BASE + i, kind)
+        self._held = (perm, unshared)
+
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
         if not self._locking or self.fd < 0:
             return
-        perm, shared = self.node.cumulative_perms()
         if self.node.force_share:
             shared = Perm.all()
         unshared = Perm.all() & ~shared
-        if (perm, unshared) == self._held:
-            return
+        if self._before is None:
+            self._before = self._held
+        old_perm, old_unshared = self._before
+        self._want = (perm, unshared)
+        self._apply_locks(perm | old_perm, unshared | old_unshared)
         for i, bit in enumerate(_LOCK_BITS):
             if perm & bit and _lock_test(self.fd, LOCK_SHARED_BASE + i):
                 raise QmpError(f'Failed to get "{PERM_NAMES[bit]}" lock')
             if unshared & bit and _lock_test(self.fd, LOCK_PERM_BASE + i):
                 raise QmpError(f'Failed to get shared "{PERM_NAMES[bit]}" lock')
-        for i, bit in enumerate(_LOCK_BITS):
-            _lock_set(self.fd, LOCK_PERM_BASE + i, fcntl.F_RDLCK if perm & bit else fcntl.F_UNLCK)
-            _lock_set(
-                self.fd, LOCK_SHARED_BASE + i, fcntl.F_RDLCK if unshared & bit else fcntl.F_UNLCK
-            )
-        self._held = (perm, unshared)
+
+    def set_perm(self) -> None:
+        if self._before is not None:
+            self._before = None
+            self._apply_locks(*self._want)
+
+    def abort_perm(self) -> None:
+        if self._before is not None:
+            before, self._before = self._before, None
+            self._apply_locks(*before)
 
     # -- I/O -----------------------------------------------------------------------------
     def getlength(self) -> int:
@@ -326,7 +350,7 @@ def _create_blocking(path: str, size: int, prealloc: str, nocow: bool) -> None:
     if prealloc == "metadata":
         raise QmpError(f"Unsupported preallocation mode '{prealloc}'")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(c_bytes(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise QmpError(f"Could not create '{path}': {exc.strerror}") from None
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from blockd.block.driver import BlockDriver, WriteFlags, register_driver
-from blockd.block.perm import ChildRole
+from blockd.block.perm import ChildRole, Perm
 from blockd.block.status import Extent
 from blockd.errors import QmpError
 
@@ -48,6 +48,13 @@ class RawDriver(BlockDriver):
                 )
             self.size = size
         self.limits = self.child.driver.limits
+
+    def child_perm(self, role: ChildRole, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        # Take write and resize only when a parent wants them: a bare raw node on a file
+        # must not keep other users from writing it (QEMU's raw_child_perm).
+        nperm, nshared = super().child_perm(role, perm, shared)
+        grow = Perm.WRITE | Perm.RESIZE
+        return (nperm & ~grow) | (perm & grow), nshared
 
     def getlength(self) -> int:
         return self.size if self.size is not None else self.child.length

@@ -14,11 +14,12 @@ from typing import Any
 
 from blockd.bitmap.dirty import ALLOW_RO, DirtyBitmap, find_bitmap
 from blockd.block.graph import check_id
-from blockd.block.node import BlockNode
+from blockd.block.node import BlockNode, BlockUser
+from blockd.block.perm import Perm
 from blockd.errors import QmpError
 from blockd.nbd import protocol as P
 from blockd.nbd.export import NbdExport
-from blockd.nbd.server import NbdService
+from blockd.nbd.service import NbdService
 from blockd.qapi.export import (
     BlockDirtyBitmap,
     BlockExportDelArgs,
@@ -143,23 +144,30 @@ async def add_export(
         raise QmpError(f'iothread "{iothread}" not found')
     if writable and node.read_only:
         raise QmpError("Cannot export read-only node as writable")
-    server = svc.server
-    if server is None:
-        raise QmpError("NBD server not running")
-    if name is None:
-        name = node_name
-    if len(name.encode()) > P.MAX_STRING_SIZE:
-        raise QmpError(f"export name '{name}' too long")
-    if description is not None and len(description.encode()) > P.MAX_STRING_SIZE:
-        raise QmpError(f"description '{description}' too long")
-    if svc.export_by_name(name) is not None:
-        raise QmpError(f"NBD server already has export named '{name}'")
-    found = _resolve_bitmaps(ctx, node, bitmaps, writable)
+    # QEMU's blk_exp_add takes the node before the NBD checks (so a permission conflict is
+    # reported first), then nbd_export_create forbids resizing while the export exists.
+    perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
+    taker = BlockUser("an unnamed block device")
+    edge = taker.attach(node, perm, Perm.all())
+    found: list[DirtyBitmap] = []
     try:
+        server = svc.server
+        if server is None:
+            raise QmpError("NBD server not running")
+        if name is None:
+            name = node_name
+        if len(name.encode()) > P.MAX_STRING_SIZE:
+            raise QmpError(f"export name '{name}' too long")
+        if description is not None and len(description.encode()) > P.MAX_STRING_SIZE:
+            raise QmpError(f"description '{description}' too long")
+        if svc.export_by_name(name) is not None:
+            raise QmpError(f"NBD server already has export named '{name}'")
+        taker.set_perm(edge, perm, Perm.all() & ~Perm.RESIZE)
+        found = _resolve_bitmaps(ctx, node, bitmaps, writable)
         export = NbdExport(
             export_id,
             name,
-            node,
+            edge,
             description=description,
             writable=writable,
             writethrough=writethrough,
@@ -169,6 +177,8 @@ async def add_export(
         )
     except BaseException:
         _unbusy(found)
+        if edge.parent is taker:
+            taker.detach_sync(edge)
         raise
     svc.exports[export_id] = export
     log.info("nbd: export %s (name '%s') on node %s", export_id, name, node.node_name)

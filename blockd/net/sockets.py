@@ -1,0 +1,79 @@
+"""Resolve and connect the way QEMU's util/qemu-sockets.c does, so that the same host and port
+strings give the same addresses and the same errors.
+
+Host and port go to ``getaddrinfo`` as bytes (:func:`blockd.io.paths.c_bytes`): Python would
+otherwise run host names through its ``idna`` codec (which refuses labels over 63 characters
+with a Python exception) and truncate strings at a NUL. The C library then decides, as it does
+for QEMU: ``"abc"`` is an unknown service, ``"99999999"`` wraps to port 57599.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from typing import Any
+
+from blockd.io.paths import c_bytes
+from blockd.io.pool import run_blocking
+
+AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
+
+
+async def resolve(host: str, port: str, family: int, flags: int) -> list[AddrInfo]:
+    """``getaddrinfo`` for a stream socket; raises :class:`socket.gaierror`. Resolution can
+    block for seconds (DNS), so it runs in the I/O pool."""
+    return await run_blocking(
+        _getaddrinfo, c_bytes(host) if host else None, c_bytes(port), family, flags
+    )
+
+
+def _getaddrinfo(host: bytes | None, port: bytes, family: int, flags: int) -> list[AddrInfo]:
+    return list(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, flags))
+
+
+class AddressError(Exception):
+    """An address refused before any system call, with QEMU's text."""
+
+
+#: Size of ``sockaddr_un.sun_path``.
+UNIX_PATH_MAX = 108
+
+
+async def connect_unix(path: str) -> socket.socket:
+    """A connected non-blocking socket to the Unix socket *path* (a path filling all of
+    ``sun_path``, without a terminating NUL, is allowed for connecting, as in QEMU)."""
+    raw = c_bytes(path)
+    if len(raw) > UNIX_PATH_MAX:
+        raise AddressError(f"UNIX socket path '{path}' is too long")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, raw)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect_inet(host: str, port: str) -> socket.socket:
+    """A connected non-blocking socket to the first address of *host*:*port* that answers
+    (QEMU's inet_connect_saddr); raises ``gaierror`` or the last connect error."""
+    infos = await resolve(host, port, socket.AF_UNSPEC, socket.AI_ADDRCONFIG | socket.AI_V4MAPPED)
+    loop = asyncio.get_running_loop()
+    last: OSError | None = None
+    for fam, stype, proto, _canon, sa in infos:
+        sock = socket.socket(fam, stype, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, sa)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise last or OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
