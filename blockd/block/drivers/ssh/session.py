@@ -31,6 +31,7 @@ import asyncssh
 from blockd.block.drivers.ssh import clientconf, hostkey
 from blockd.errors import QmpError
 from blockd.io.pool import run_blocking
+from blockd.net.sockets import connect_inet, inet_family
 
 log = logging.getLogger(__name__)
 
@@ -139,28 +140,16 @@ class _Client(asyncssh.SSHClient):
 
 
 async def _tcp_connect(t: Target) -> socket.socket:
-    """QEMU's inet_connect_saddr(): resolve with the port string as given, try each address."""
-    loop = asyncio.get_running_loop()
-    family = socket.AF_UNSPEC
-    if t.ipv4 and not t.ipv6:
-        family = socket.AF_INET
-    elif t.ipv6 and not t.ipv4:
-        family = socket.AF_INET6
+    """QEMU's inet_connect_saddr() with its texts; the port string goes to the C library as
+    given (after the numeric check), so it wraps and fails as it does for QEMU."""
     try:
-        infos = await loop.getaddrinfo(t.host, t.port, family=family, type=socket.SOCK_STREAM)
+        return await connect_inet(t.host, t.port, inet_family(t.ipv4, t.ipv6))
     except socket.gaierror as exc:
         raise QmpError(f"address resolution failed for {t.host}:{t.port}: {exc.strerror}") from None
-    err = errno.ECONNREFUSED
-    for fam, kind, proto, _, addr in infos:
-        sock = socket.socket(fam, kind, proto)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, addr)
-            return sock
-        except OSError as exc:
-            sock.close()
-            err = exc.errno or errno.EIO
-    raise QmpError(f"Failed to connect to '{t.host}:{t.port}': {os.strerror(err)}")
+    except OSError as exc:
+        # asyncio's connect error carries its own text; QEMU prints strerror(errno).
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise QmpError(f"Failed to connect to '{t.host}:{t.port}': {reason}") from None
 
 
 def _sftp_text(what: str, exc: asyncssh.SFTPError) -> str:
