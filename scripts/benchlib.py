@@ -69,7 +69,9 @@ class Qmp:
         self.sock.close()
 
 
-def start(kind: str, d: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start(
+    kind: str, d: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     """Start ``blockd`` or ``qsd`` with its QMP monitor on ``d/KIND.qmp`` and its output in
     ``d/KIND.log``; returns the process and the monitor socket once it exists. blockd logs at
     $BLOCKD_LOG (default warning; debug puts job timings in blockd.log)."""
@@ -88,7 +90,7 @@ def start(kind: str, d: Path) -> tuple[subprocess.Popen[bytes], Path]:
             "chardev=m",
         ]
     with open(d / f"{kind}.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     deadline = time.monotonic() + 20
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -93,7 +93,13 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_blockd(tmp: Path, *extra: str, name: str = "blockd", cwd: Path | None = None) -> Daemon:
+def start_blockd(
+    tmp: Path,
+    *extra: str,
+    name: str = "blockd",
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Daemon:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
@@ -102,12 +108,15 @@ def start_blockd(tmp: Path, *extra: str, name: str = "blockd", cwd: Path | None 
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd or ROOT,
+            env=env,
         )
     wait_for_socket(sock, proc)
     return Daemon(proc, sock, log)
 
 
-def start_qsd(tmp: Path, *extra: str, name: str = "qsd") -> Daemon:
+def start_qsd(
+    tmp: Path, *extra: str, name: str = "qsd", env: dict[str, str] | None = None
+) -> Daemon:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
@@ -122,6 +131,7 @@ def start_qsd(tmp: Path, *extra: str, name: str = "qsd") -> Daemon:
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     wait_for_socket(sock, proc)
     return Daemon(proc, sock, log)

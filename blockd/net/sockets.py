@@ -57,10 +57,19 @@ async def connect_unix(path: str) -> socket.socket:
     return sock
 
 
-async def connect_inet(host: str, port: str) -> socket.socket:
+def inet_family(ipv4: bool | None, ipv6: bool | None) -> int:
+    """The address family InetSocketAddress's ``ipv4``/``ipv6`` flags ask for."""
+    if ipv4 and not ipv6:
+        return socket.AF_INET
+    if ipv6 and not ipv4:
+        return socket.AF_INET6
+    return socket.AF_UNSPEC
+
+
+async def connect_inet(host: str, port: str, family: int = socket.AF_UNSPEC) -> socket.socket:
     """A connected non-blocking socket to the first address of *host*:*port* that answers
     (QEMU's inet_connect_saddr); raises ``gaierror`` or the last connect error."""
-    infos = await resolve(host, port, socket.AF_UNSPEC, socket.AI_ADDRCONFIG | socket.AI_V4MAPPED)
+    infos = await resolve(host, port, family, socket.AI_ADDRCONFIG | socket.AI_V4MAPPED)
     loop = asyncio.get_running_loop()
     last: OSError | None = None
     for fam, stype, proto, _canon, sa in infos:

@@ -21,6 +21,7 @@ class BlockdevDriver(QapiEnum):
     NULL_CO = "null-co"
     QCOW2 = "qcow2"
     RAW = "raw"
+    SSH = "ssh"
 
 
 class BlockdevDiscardOptions(QapiEnum):
@@ -303,6 +304,64 @@ class BlockdevOptionsNbd(BlockdevOptionsBase):
     open_timeout: UInt32 | None = None
 
 
+class SshHostKeyCheckMode(QapiEnum):
+    NONE = "none"
+    HASH = "hash"
+    KNOWN_HOSTS = "known_hosts"
+
+
+class SshHostKeyCheckHashType(QapiEnum):
+    MD5 = "md5"
+    SHA1 = "sha1"
+    SHA256 = "sha256"
+
+
+class SshHostKeyCheckBase(QapiModel):
+    mode: SshHostKeyCheckMode
+
+
+class SshHostKeyCheckNone(SshHostKeyCheckBase):
+    mode: Literal[SshHostKeyCheckMode.NONE]
+
+
+class SshHostKeyHash(SshHostKeyCheckBase):
+    mode: Literal[SshHostKeyCheckMode.HASH]
+    type: SshHostKeyCheckHashType
+    hash: str
+
+
+class SshHostKeyCheckKnownHosts(SshHostKeyCheckBase):
+    mode: Literal[SshHostKeyCheckMode.KNOWN_HOSTS]
+
+
+if TYPE_CHECKING:
+    SshHostKeyCheck: TypeAlias = SshHostKeyCheckNone | SshHostKeyHash | SshHostKeyCheckKnownHosts
+else:
+    SshHostKeyCheck = flat_union(
+        "SshHostKeyCheck",
+        "mode",
+        {
+            "none": SshHostKeyCheckNone,
+            "hash": SshHostKeyHash,
+            "known_hosts": SshHostKeyCheckKnownHosts,
+        },
+    )
+
+
+class BlockdevOptionsSshLocation(QapiModel):
+    """QEMU's BlockdevOptionsSsh proper: ``blockdev-add`` adds the generic node members,
+    ``blockdev-create`` takes it as ``location``."""
+
+    server: InetSocketAddress
+    path: str
+    user: str | None = None
+    host_key_check: SshHostKeyCheck | None = None
+
+
+class BlockdevOptionsSsh(BlockdevOptionsBase, BlockdevOptionsSshLocation):
+    driver: Literal[BlockdevDriver.SSH]
+
+
 if TYPE_CHECKING:
     BlockdevOptions: TypeAlias = (
         BlockdevOptionsBlkdebug
@@ -311,6 +370,7 @@ if TYPE_CHECKING:
         | BlockdevOptionsNull
         | BlockdevOptionsQcow2
         | BlockdevOptionsRaw
+        | BlockdevOptionsSsh
     )
     BlockdevRef: TypeAlias = BlockdevOptions | str
     BlockdevRefOrNull: TypeAlias = BlockdevOptions | str | None
@@ -325,6 +385,7 @@ else:
             "null-co": BlockdevOptionsNull,
             "qcow2": BlockdevOptionsQcow2,
             "raw": BlockdevOptionsRaw,
+            "ssh": BlockdevOptionsSsh,
         },
     )
     BlockdevRef = alternate("BlockdevRef", {"object": BlockdevOptions, "string": str})
@@ -377,6 +438,12 @@ class BlockdevCreateOptionsQcow2(BlockdevCreateOptionsBase):
     compression_type: Qcow2CompressionType | None = None
 
 
+class BlockdevCreateOptionsSsh(BlockdevCreateOptionsBase):
+    driver: Literal[BlockdevDriver.SSH]
+    location: BlockdevOptionsSshLocation
+    size: Size
+
+
 def _no_create_branch(value: str) -> type[BlockdevCreateOptionsBase]:
     # Drivers without create options still parse ("Driver does not support blockdev-create"
     # comes later), as in QEMU where the union has an empty branch for them.
@@ -396,12 +463,15 @@ BlockdevCreateOptions = flat_union(
             if d is BlockdevDriver.FILE
             else BlockdevCreateOptionsQcow2
             if d is BlockdevDriver.QCOW2
+            else BlockdevCreateOptionsSsh
+            if d is BlockdevDriver.SSH
             else _no_create_branch(d.value)
         )
         for d in BlockdevDriver
     },
 )
 BlockdevCreateOptionsQcow2.model_rebuild()
+BlockdevCreateOptionsSsh.model_rebuild()
 
 
 # -- replies ---------------------------------------------------------------------------------
