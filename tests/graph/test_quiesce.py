@@ -4,7 +4,6 @@ frozen links. Real drivers (null-co with latency, file, qcow2), no mocks."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +44,22 @@ async def test_drained_returns_under_steady_writes() -> None:
 
     tasks = [asyncio.create_task(writer(i)) for i in range(8)]
     await asyncio.sleep(0.05)
-    t0 = time.monotonic()
-    for _ in range(5):
-        async with graph.drained(node):
-            inside = True
-            await asyncio.sleep(0.02)  # requests pile up at the gate meanwhile
-            assert node.in_flight == 0
-            inside = False
-    elapsed = time.monotonic() - t0
+
+    async def sections() -> None:
+        nonlocal inside
+        for _ in range(5):
+            async with graph.drained(node):
+                inside = True
+                await asyncio.sleep(0.02)  # requests pile up at the gate meanwhile
+                assert node.in_flight == 0
+                inside = False
+
+    # A drain that waited for new requests too would never begin: the bound catches that
+    # hang, it does not measure speed.
+    await asyncio.wait_for(sections(), 60)
     stop = True
     await asyncio.gather(*tasks)
     assert writes_inside == 0
-    assert elapsed < 5, elapsed
     await graph.close_all()
 
 

@@ -162,11 +162,12 @@ async def _exercise(path: str, rw: bool, rng: random.Random) -> None:
     try:
         t0 = time.monotonic()
         try:
-            node = await asyncio.wait_for(open_qcow2(graph, path, rw=rw), 2)
+            # Generous bounds: they catch hangs, not slowness (the machine may be loaded).
+            node = await asyncio.wait_for(open_qcow2(graph, path, rw=rw), 20)
         except QmpError:
             return
         finally:
-            assert time.monotonic() - t0 < 2
+            assert time.monotonic() - t0 < 20
         t0 = time.monotonic()
         try:
             length = node.length
@@ -190,7 +191,7 @@ async def _exercise(path: str, rw: bool, rng: random.Random) -> None:
                 await asyncio.wait_for(node.flush(), 2)
         except (OSError, QmpError):
             pass
-        assert time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < 60
     finally:
         try:
             await asyncio.wait_for(graph.close_all(), 5)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 
 import pytest
 from qcow2_helpers import (
@@ -83,7 +82,6 @@ async def test_random_workload(tmp_path, version, cluster, backing, seed, cache)
     shadow = Shadow(initial, cluster, 2 if version == "v2" else 3, backing)
     graph = BlockGraph()
     node = await open_qcow2(graph, img, **cache)
-    t0 = time.monotonic()
     for i, batch in enumerate(batches(ops, rng)):
         await asyncio.gather(*(apply_op(node, op, pat) for op in batch))
         for op in batch:
@@ -98,7 +96,6 @@ async def test_random_workload(tmp_path, version, cluster, backing, seed, cache)
         assert bytes(got) == shadow.data[pos : pos + n], f"mismatch at {pos}"
         pos += n
     await graph.close_all()
-    elapsed = time.monotonic() - t0
     res = check_image(img)
     assert res["rc"] == 0, res
     assert res.get("leaks", 0) == 0 and res.get("corruptions", 0) == 0, res
@@ -106,7 +103,6 @@ async def test_random_workload(tmp_path, version, cluster, backing, seed, cache)
     write_sparse(shadow_path, shadow.data)
     cmp = qemu_img("compare", "-f", "qcow2", "-F", "raw", img, str(shadow_path), check=False)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    assert elapsed < 30
 
 
 async def test_cow_from_backing_seed_134(tmp_path):

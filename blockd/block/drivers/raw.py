@@ -87,7 +87,10 @@ class RawDriver(BlockDriver):
         return self.node.json_filename()
 
     def image_info(self) -> dict[str, Any]:
-        return {"dirty-flag": False}  # raw answers bdrv_get_info
+        # raw_get_info asks the child: what its bdrv_get_info gives (file: a dirty flag;
+        # qcow2: cluster size too; ssh, nbd: nothing) shows here too.
+        info = self.child.driver.image_info()
+        return {k: info[k] for k in ("cluster-size", "dirty-flag") if k in info}
 
     def actual_size(self) -> int | None:
         return self.child.driver.actual_size()
