@@ -61,6 +61,8 @@ class QmpSession:
         self.num = next(_ids)
         self.log = logging.LoggerAdapter(log, {})
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+        #: Runs the commands; shutdown cancels it (QmpServer.cancel_commands).
+        self.worker: asyncio.Task[None] | None = None
 
     # -- output ------------------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
@@ -90,7 +92,7 @@ class QmpSession:
     # -- main loop ---------------------------------------------------------------------
     async def run(self) -> None:
         self.send(greeting())
-        worker = asyncio.create_task(self._work(), name=f"qmp#{self.num}")
+        worker = self.worker = asyncio.create_task(self._work(), name=f"qmp#{self.num}")
         streamer = JsonStreamer()
         try:
             while True:
