@@ -4,6 +4,7 @@ back what a daemon left in an image."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,13 @@ def qsd_monitor_args(sock: Path) -> list[str]:
     return ["--chardev", f"socket,path={sock},server=on,wait=off,id=m", "--monitor", "chardev=m"]
 
 
+#: blockd's log lines (its stderr also carries them); anything else is a message or a crash.
+_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ blockd (DEBUG|INFO|WARNING|ERROR) ")
+
+
 def lines(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if ln.strip()]
+    """The non-empty lines of *text* that are not blockd log lines."""
+    return [ln for ln in text.splitlines() if ln.strip() and not _LOG_LINE.match(ln)]
 
 
 def image_bitmaps(path: Path) -> list[dict[str, Any]]:
