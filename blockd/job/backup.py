@@ -203,7 +203,7 @@ class BackupJob(BlockJob):
         while True:
             try:
                 await self.bcs.run(0, self.bcs.len, max_workers=self.max_workers, pacer=self)
-                return
+                break
             except BlockCopyError as exc:
                 action = self.error_action(exc.is_read, exc.errno)
                 if action == "report":
@@ -211,6 +211,10 @@ class BackupJob(BlockJob):
                 if action == "stop":
                     await self.pause_point()
                 # ignore, or resumed after stop: retry what is still dirty
+        # Durable before it is reported done (QSD does not flush): a copy of the target taken
+        # right after BLOCK_JOB_COMPLETED, or a power cut then, finds the whole backup. A
+        # failed flush fails the job: the backup may not be on disk.
+        await self.target.flush()
 
     async def commit(self) -> None:
         self._resolve_sync_bitmap(success=True)
