@@ -135,7 +135,8 @@ class QmpServer:
             "data": data,
         }
         raw = encode(msg)
-        log.info("event %s %s", name, data)
+        # Debug only: jobs log their own start and end lines (blockd.job.joblog).
+        log.debug("event %s %s", name, data)
         for session in list(self.sessions):
             if session.receives_events:
                 session.send_raw(raw)
