@@ -11,6 +11,7 @@ from typing import Any
 
 from blockd.errors import DeviceNotActiveError, QmpError
 from blockd.job.core import Job
+from blockd.qapi.job import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,8 @@ _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 #: Seconds a force-cancelled job gets to reach a pause point at shutdown, and again to abort
 #: after its task was interrupted.
 CANCEL_GRACE = 3.0
+#: Seconds a job query waits for jobs finishing their automatic finalization.
+SETTLE_WAIT = 1.0
 
 
 class JobManager:
@@ -55,6 +58,26 @@ class JobManager:
 
     def newest_first(self) -> list[Job]:
         return list(reversed(self.jobs.values()))
+
+    async def settle(self, timeout: float = SETTLE_WAIT) -> None:
+        """Wait (at most *timeout*) for jobs in the middle of their automatic finalization.
+
+        QEMU finalizes a job in one step that no monitor command can interleave with, so
+        ``query-block-jobs`` never shows a job that finalizes itself as ``pending``; here the
+        finalization awaits I/O (drive-backup closing its target takes milliseconds), and a
+        query in between listed a finished backup as ``pending``. A job resting in
+        ``pending`` (auto-finalize off) or ``waiting`` for its transaction is not waited for.
+        """
+        busy = {
+            j.task
+            for j in self.jobs.values()
+            if j.auto_finalize
+            and j.status in (JobStatus.PENDING, JobStatus.ABORTING)
+            and j.task is not None
+            and not j.task.done()
+        }
+        if busy:
+            await asyncio.wait(busy, timeout=timeout)
 
     async def cancel_all(self, grace: float = CANCEL_GRACE) -> None:
         """Shutdown (``quit``, SIGTERM): force-cancel every running job and wait for it, at
