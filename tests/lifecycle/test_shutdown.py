@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from diffsupport import MiB, Session, qcow2_image, qcow2_node, raw_image, raw_node
 from lifesupport import image_bitmaps
-from support import start_blockd, start_qsd
+from support import Daemon, start_blockd, start_qsd
 
 #: What the daemon's shutdown bounds add up to in these cases (commands 2 s, jobs 3 + 3 s,
 #: one node close at most 10 s), with room for a loaded machine.
@@ -23,6 +23,17 @@ def _add_persistent_bitmap(s: Session, tmp: Path) -> Path:
     s.ok("blockdev-add", qcow2_node("p", img))
     s.ok("block-dirty-bitmap-add", {"node": "p", "name": "b", "persistent": True})
     return img
+
+
+def _ended_in_bound(d: Daemon, t0: float, img: Path) -> None:
+    """The daemon told to stop at *t0* exited 0 within BOUND, removed its socket and stored
+    the bitmap of *img*."""
+    rc = d.proc.wait(timeout=BOUND + 10)
+    elapsed = time.monotonic() - t0
+    assert rc == 0, d.log_text()
+    assert elapsed < BOUND, elapsed
+    assert not d.sock.exists()
+    assert image_bitmaps(img) == [{"name": "b", "granularity": 65536, "flags": ["auto"]}]
 
 
 @pytest.mark.parametrize("how", ["quit", "sigterm"])
@@ -49,12 +60,7 @@ def test_pending_nbd_open_does_not_hold_the_exit(tmp_path: Path, how: str) -> No
         assert s.ok("quit") == {}
     else:
         d.proc.send_signal(signal.SIGTERM)
-    rc = d.proc.wait(timeout=BOUND + 10)
-    elapsed = time.monotonic() - t0
-    assert rc == 0, d.log_text()
-    assert elapsed < BOUND, elapsed
-    assert not d.sock.exists()
-    assert image_bitmaps(img) == [{"name": "b", "granularity": 65536, "flags": ["auto"]}]
+    _ended_in_bound(d, t0, img)
     s.close()
     waiting.close()
 
@@ -102,12 +108,7 @@ def test_backup_from_a_server_that_stopped_answering_does_not_hold_the_exit(
         server.proc.send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
-        rc = d.proc.wait(timeout=BOUND + 10)
-        elapsed = time.monotonic() - t0
-        assert rc == 0, d.log_text()
-        assert elapsed < BOUND, elapsed
-        assert not d.sock.exists()
-        assert image_bitmaps(img) == [{"name": "b", "granularity": 65536, "flags": ["auto"]}]
+        _ended_in_bound(d, t0, img)
         s.close()
     finally:
         d.stop()
