@@ -20,8 +20,6 @@ from blockd.qmp.server import QmpServer
 log = logging.getLogger(__name__)
 
 # Bounds of each shutdown step, in seconds (quit, SIGTERM, SIGINT, SIGHUP).
-#: Commands still running (a blockdev-add waiting on a server) after being cancelled.
-COMMAND_GRACE = 2.0
 #: Each subsystem's shutdown hook (the NBD server closing its connections).
 HOOK_TIMEOUT = 5.0
 #: Each node's flush and close, bitmap storing included.
@@ -95,7 +93,7 @@ class Daemon:
         stuck on a server that stopped answering is given up on, not waited for."""
         log.info("shutting down")
         self.qmp.close_listener()
-        await self.qmp.cancel_commands(COMMAND_GRACE)
+        await self.qmp.cancel_commands()
         try:
             await self.jobs.cancel_all()  # bounded: see CANCEL_GRACE
         except Exception:

@@ -4,6 +4,7 @@ the qmp_job_* / qmp_block_job_* lookups)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -11,7 +12,6 @@ from typing import Any
 
 from blockd.errors import DeviceNotActiveError, QmpError
 from blockd.job.core import Job
-from blockd.qapi.job import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class JobManager:
         return list(reversed(self.jobs.values()))
 
     async def settle(self, timeout: float = SETTLE_WAIT) -> None:
-        """Wait (at most *timeout*) for jobs in the middle of their automatic finalization.
+        """Wait (at most *timeout*) for transactions in the middle of finalizing or aborting.
 
         QEMU finalizes a job in one step that no monitor command can interleave with, so
         ``query-block-jobs`` never shows a job that finalizes itself as ``pending``; here the
@@ -68,16 +68,16 @@ class JobManager:
         query in between listed a finished backup as ``pending``. A job resting in
         ``pending`` (auto-finalize off) or ``waiting`` for its transaction is not waited for.
         """
-        busy = {
-            j.task
-            for j in self.jobs.values()
-            if j.auto_finalize
-            and j.status in (JobStatus.PENDING, JobStatus.ABORTING)
-            and j.task is not None
-            and not j.task.done()
-        }
-        if busy:
-            await asyncio.wait(busy, timeout=timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Checked again after every wait, and returned from only on a check that found
+        # nothing settling: the caller reads the jobs without yielding in between.
+        while busy := {j.txn for j in self.jobs.values() if j.txn and j.txn.is_settling}:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(t.wait_settled() for t in busy)), remaining)
 
     async def cancel_all(self, grace: float = CANCEL_GRACE) -> None:
         """Shutdown (``quit``, SIGTERM): force-cancel every running job and wait for it, at

@@ -29,6 +29,8 @@ class SocketPathError(Exception):
     """The socket path cannot be used; the text is one line, QEMU's where it has one."""
 
 
+#: Seconds the commands cancelled at shutdown get to end (they are then left behind).
+COMMAND_GRACE = 2.0
 #: sun_path holds 108 bytes including the terminating NUL.
 _UNIX_PATH_MAX = 108
 
@@ -147,10 +149,13 @@ class QmpServer:
             self._server.close()
             self._server = None
 
-    async def cancel_commands(self, timeout: float) -> None:
-        """Shutdown: cancel every command still running in a session (a ``blockdev-add`` of
+    async def cancel_commands(
+        self, timeout: float = COMMAND_GRACE, keep: QmpSession | None = None
+    ) -> None:
+        """Shutdown: cancel the commands of every session but *keep* (a ``blockdev-add`` of
         an NBD node retrying its connection, say) and wait at most *timeout* for them."""
-        await _cancel_and_wait([s.worker for s in self.sessions if s.worker is not None], timeout)
+        workers = [s.worker for s in self.sessions if s.worker is not None and s is not keep]
+        await _cancel_and_wait(workers, timeout)
 
     async def stop(self, timeout: float = 5.0) -> None:
         self.close_listener()

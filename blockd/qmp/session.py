@@ -188,6 +188,11 @@ class QmpSession:
             log.debug("qmp#%d --> %s %s", self.num, name, args)
         try:
             parsed = cmd.validator.validate(args)
+            if name == "quit":
+                # The daemon is going away: quit must not queue behind another client's
+                # command that waits without limit (a blockdev-add retrying a server), so
+                # those are cancelled now, as the shutdown that follows would cancel them.
+                await self.daemon.qmp.cancel_commands(keep=self)
             async with self.daemon.monitor_lock:
                 result = await cmd.handler(Context(self.daemon, self), parsed)
         except QmpError as exc:

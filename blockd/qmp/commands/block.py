@@ -13,7 +13,7 @@ from blockd.qapi.block import BlockdevCreateOptions, BlockDeviceInfo, BlockdevOp
 from blockd.qmp.registry import Context, command
 
 #: Seconds blockdev-create waits for its job to conclude before replying.
-CREATE_REPLY_WAIT = 1.0
+CREATE_REPLY_WAIT = 0.5
 
 
 class BlockdevDelArgs(QapiModel):
