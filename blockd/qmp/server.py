@@ -12,6 +12,7 @@ import stat
 import time
 from typing import TYPE_CHECKING, Any
 
+from blockd.net.sockets import UNIX_PATH_MAX
 from blockd.qmp.framing import encode
 from blockd.qmp.session import QmpSession
 
@@ -31,17 +32,15 @@ class SocketPathError(Exception):
 
 #: Seconds the commands cancelled at shutdown get to end (they are then left behind).
 COMMAND_GRACE = 2.0
-#: sun_path holds 108 bytes including the terminating NUL.
-_UNIX_PATH_MAX = 108
 
 
 def claim_socket_path(path: str) -> None:
     """Make *path* free for a new socket: remove a stale socket, refuse when a live daemon
     still answers there, and never remove anything that is not a socket (QSD unlinks
     whatever is at the path, a regular file or a symlink included)."""
-    if len(os.fsencode(path)) >= _UNIX_PATH_MAX:
+    if len(os.fsencode(path)) >= UNIX_PATH_MAX:
         raise SocketPathError(
-            f"UNIX socket path '{path}' is too long: Path must be less than {_UNIX_PATH_MAX} bytes"
+            f"UNIX socket path '{path}' is too long: Path must be less than {UNIX_PATH_MAX} bytes"
         )
     try:
         st = os.lstat(path)
