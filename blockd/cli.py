@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import re
+import signal
 import sys
 from typing import Any
 
 from blockd import __version__
-from blockd.errors import QmpError
 from blockd.io import heap
 from blockd.logfmt import OneLineFormatter
 
@@ -88,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter("%(asctime)s blockd %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
+    # A client that hangs up mid-reply must cost an EPIPE on that connection, not the daemon.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     blockdevs = []
     for spec in args.blockdev:
         try:
@@ -95,29 +95,41 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"blockd: --blockdev: {exc}", file=sys.stderr)
             return 1
-        blockdevs.append(value)
+        blockdevs.append((spec, value))
 
-    from blockd.daemon import Daemon
-    from blockd.qmp.server import SocketInUseError
+    from blockd.daemon import BlockdevOpenError, Daemon
+    from blockd.pidfile import PidFile, PidFileError
+    from blockd.qmp.server import SocketInUseError, SocketPathError
 
     async def run() -> int:
         daemon = Daemon(args.socket)
         try:
-            await daemon.serve(blockdevs)
+            await daemon.serve([value for _spec, value in blockdevs])
         except SocketInUseError:
             print(f"blockd: {args.socket} is in use by a running daemon", file=sys.stderr)
             return 1
-        except QmpError as exc:
-            print(f"blockd: --blockdev: {exc.desc}", file=sys.stderr)
+        except SocketPathError as exc:
+            print(f"blockd: --socket: {exc}", file=sys.stderr)
+            return 1
+        except BlockdevOpenError as exc:
+            # QEMU's form: the option as typed, the error, then the hint on its own line.
+            spec = blockdevs[exc.index][0]
+            print(f"blockd: --blockdev {spec}: {exc.error.desc}", file=sys.stderr)
+            if exc.error.hint:
+                print(exc.error.hint, file=sys.stderr)
             return 1
         return 0
 
+    pidfile = None
     if args.pidfile:
-        with open(args.pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            # Before the socket: a pid file held by a running daemon means touching nothing.
+            pidfile = PidFile.acquire(args.pidfile)
+        except PidFileError as exc:
+            print(f"blockd: cannot create PID file: {exc}", file=sys.stderr)
+            return 1
     try:
         return asyncio.run(run())
     finally:
-        if args.pidfile:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(args.pidfile)
+        if pidfile is not None:
+            pidfile.release()

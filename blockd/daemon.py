@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from blockd.block.graph import BlockGraph
+from blockd.errors import QmpError
 from blockd.io import pool
 from blockd.job.manager import JobManager
 from blockd.qapi.base import ArgsValidator
@@ -17,6 +18,23 @@ from blockd.qmp import registry
 from blockd.qmp.server import QmpServer
 
 log = logging.getLogger(__name__)
+
+# Bounds of each shutdown step, in seconds (quit, SIGTERM, SIGINT, SIGHUP).
+#: Each subsystem's shutdown hook (the NBD server closing its connections).
+HOOK_TIMEOUT = 5.0
+#: Each node's flush and close, bitmap storing included.
+NODE_CLOSE_TIMEOUT = 10.0
+#: I/O threads still inside a system call (they are daemon threads: exit does not wait).
+POOL_JOIN_TIMEOUT = 2.0
+
+
+class BlockdevOpenError(Exception):
+    """The *index*-th ``--blockdev`` could not be opened."""
+
+    def __init__(self, index: int, error: QmpError) -> None:
+        super().__init__(error.desc)
+        self.index = index
+        self.error = error
 
 
 class Daemon:
@@ -51,29 +69,42 @@ class Daemon:
 
     async def serve(self, blockdevs: list[dict[str, Any]] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too: closing the terminal must not kill the daemon without storing the
+        # bitmaps and removing the socket (qemu-storage-daemon also exits cleanly on it).
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.request_quit)
-        await self.qmp.start()  # first: a live daemon on the path means we touch nothing
+        # The socket first: a live daemon on the path means we touch nothing, not even the
+        # images. Clients that connect meanwhile wait until the --blockdev nodes are open.
+        await self.qmp.bind()
         try:
-            for spec in blockdevs or []:
-                await self.add_blockdev(spec)
-            self.qmp.ready.set()
+            for i, spec in enumerate(blockdevs or []):
+                try:
+                    await self.add_blockdev(spec)
+                except QmpError as exc:
+                    raise BlockdevOpenError(i, exc) from None
+            await self.qmp.start()
             await self._quit.wait()
         finally:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Cancel jobs, stop services, flush and close every node, remove the socket."""
+        """Cancel commands and jobs, stop services, flush and close every node (storing
+        persistent bitmaps), remove the socket. Every wait is bounded: a command, job or node
+        stuck on a server that stopped answering is given up on, not waited for."""
         log.info("shutting down")
+        self.qmp.close_listener()
+        await self.qmp.cancel_commands()
         try:
-            await self.jobs.cancel_all()
+            await self.jobs.cancel_all()  # bounded: see CANCEL_GRACE
         except Exception:
             log.exception("cancelling jobs at shutdown")
         for hook in reversed(self.shutdown_hooks):
             try:
-                await hook()
+                await asyncio.wait_for(hook(), HOOK_TIMEOUT)
+            except TimeoutError:
+                log.error("shutdown hook %s did not end in %.0f s", hook, HOOK_TIMEOUT)
             except Exception:
                 log.exception("shutdown hook failed")
-        await self.graph.close_all()
+        await self.graph.close_all(NODE_CLOSE_TIMEOUT)
         await self.qmp.stop()
-        pool.shutdown()
+        pool.shutdown(POOL_JOIN_TIMEOUT)

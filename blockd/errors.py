@@ -21,9 +21,12 @@ class QmpError(BlockdError):
 
     qmp_class = "GenericError"
 
-    def __init__(self, desc: str, qmp_class: str | None = None) -> None:
+    def __init__(self, desc: str, qmp_class: str | None = None, *, hint: str = "") -> None:
         super().__init__(desc)
         self.desc = desc
+        #: Advice for a person (QEMU's error_append_hint): printed on the command line,
+        #: never sent over QMP, as in QEMU.
+        self.hint = hint
         if qmp_class is not None:
             self.qmp_class = qmp_class
 

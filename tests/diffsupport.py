@@ -18,27 +18,6 @@ from support import Daemon, qemu_img, qemu_io, start_blockd, start_qsd
 MiB = 1024 * 1024
 
 
-def _blockd_has(*commands: str) -> bool:
-    from blockd.qmp import registry
-
-    registry.load_all()
-    return all(c in registry.COMMANDS for c in commands)
-
-
-def _have_driver(name: str) -> bool:
-    from blockd.block.driver import driver_class
-
-    return driver_class(name) is not None
-
-
-have_nbd = _blockd_has("nbd-server-start", "block-export-add")
-needs_nbd = pytest.mark.skipif(
-    not have_nbd, reason="blockd NBD server not present yet (nbd-server-start/block-export-add)"
-)
-have_qcow2 = _have_driver("qcow2")
-needs_qcow2 = pytest.mark.skipif(not have_qcow2, reason="qcow2 driver not present")
-
-
 class Session:
     """A negotiated QMP connection that records events in arrival order."""
 

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from qemu.qmp import QMPClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,10 +133,6 @@ def start_qsd(
         )
     wait_for_socket(sock, proc)
     return Daemon(proc, sock, log)
-
-
-have_qsd = shutil.which("qemu-storage-daemon") is not None
-needs_qsd = pytest.mark.skipif(not have_qsd, reason="qemu-storage-daemon not installed")
 
 
 class EventLog:

@@ -8,6 +8,7 @@ as long as something refers to them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -418,11 +419,15 @@ class BlockGraph:
         node.closed = True
         log.info("removed filter %s above %s", node.node_name, child.node_name)
 
-    async def close_all(self) -> None:
-        """Daemon shutdown: flush and close every node, parents before children."""
+    async def close_all(self, timeout: float | None = None) -> None:
+        """Daemon shutdown: flush and close every node, parents before children; a node
+        whose close takes longer than *timeout* (a server that stopped answering) is given up
+        on so that the others still store their bitmaps."""
         for node in self.newest_first():
             try:
-                await node.close()
+                await asyncio.wait_for(node.close(), timeout)
+            except TimeoutError:
+                log.error("closing %s did not end in %.0f s; giving up", node.node_name, timeout)
             except Exception as exc:
                 log.error("closing %s failed: %s", node.node_name, exc)
         self.nodes.clear()

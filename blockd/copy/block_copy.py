@@ -373,6 +373,8 @@ class BlockCopy:
             nonlocal failure
             for t in done:
                 tasks.discard(t)
+                if t.cancelled():
+                    continue
                 exc = t.exception()
                 if exc is not None and failure is None:
                     failure = (
@@ -410,6 +412,12 @@ class BlockCopy:
                     continue
                 else:
                     pos = offset
+        except asyncio.CancelledError:
+            # The job's task itself was interrupted (shutdown stopped waiting for it): the
+            # requests in flight may hang on a server that stopped answering; abandon them.
+            for t in tasks:
+                t.cancel()
+            raise
         finally:
             if tasks:
                 done, _ = await asyncio.wait(tasks)

@@ -19,6 +19,7 @@ import functools
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -120,14 +121,16 @@ class IoPool:
             with self._lock:
                 self._idle += 1
 
-    def shutdown(self) -> None:
-        """Let queued requests finish, then stop every thread."""
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Let queued requests finish, then stop every thread; with *timeout*, give up on
+        threads still stuck in a system call after that long (they are daemon threads)."""
         with self._lock:
             threads, self._threads = self._threads, []
         for _ in threads:
             self._queue.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in threads:
-            t.join()
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self._idle = 0
 
 
@@ -147,9 +150,10 @@ async def run_blocking(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) ->
     return await _executor().submit(call)
 
 
-def shutdown() -> None:
-    """Stop the pool at daemon exit (waits for the requests already running)."""
+def shutdown(timeout: float | None = None) -> None:
+    """Stop the pool at daemon exit (waits for the requests already running, at most
+    *timeout* seconds when given)."""
     global _pool
     if _pool is not None:
-        _pool.shutdown()
+        _pool.shutdown(timeout)
         _pool = None

@@ -36,6 +36,7 @@ from blockd.copy.block_copy import DEFAULT_WORKERS, BlockCopy, BlockCopyError, c
 from blockd.errors import QmpError, strerror
 from blockd.job.blockjob import BlockJob
 from blockd.job.core import JobTxn
+from blockd.job.joblog import fmt_bytes
 from blockd.qapi.job import BlockdevOnError, JobType
 from blockd.qapi.job import JobStatus as S
 
@@ -193,6 +194,12 @@ class BackupJob(BlockJob):
         except BlockCopyError as exc:
             raise OSError(exc.errno, strerror(exc.errno)) from exc
 
+    def describe(self) -> str:
+        out = f"{self.source.node_name} -> {self.target.node_name}, sync={self.sync}"
+        if self.sync_bitmap is not None:
+            out += f", bitmap={self.sync_bitmap.name} ({self.bitmap_mode})"
+        return f"{out}, {fmt_bytes(self.progress_total)} to copy"
+
     # -- job hooks -----------------------------------------------------------------------
     async def run(self) -> None:
         if self.sync == "none":
@@ -203,14 +210,25 @@ class BackupJob(BlockJob):
         while True:
             try:
                 await self.bcs.run(0, self.bcs.len, max_workers=self.max_workers, pacer=self)
-                return
+                break
             except BlockCopyError as exc:
                 action = self.error_action(exc.is_read, exc.errno)
                 if action == "report":
+                    self.error_cause = (
+                        f"reading source '{self.source.node_name}'"
+                        if exc.is_read
+                        else f"writing target '{self.target.node_name}'"
+                    )
                     raise OSError(exc.errno, strerror(exc.errno)) from exc
                 if action == "stop":
                     await self.pause_point()
                 # ignore, or resumed after stop: retry what is still dirty
+        # Durable before it is reported done (QSD does not flush): a copy of the target taken
+        # right after BLOCK_JOB_COMPLETED, or a power cut then, finds the whole backup. A
+        # failed flush fails the job: the backup may not be on disk.
+        self.error_cause = f"flushing target '{self.target.node_name}'"
+        await self.target.flush()
+        self.error_cause = None
 
     async def commit(self) -> None:
         self._resolve_sync_bitmap(success=True)
@@ -253,6 +271,7 @@ class BackupJob(BlockJob):
         ``paused`` for each new job, and ``running`` again when the drain ends
         (:meth:`end_drain`). The coroutine is only created then, so jobs begin work in the
         order the drain releases them, as in QEMU."""
+        self.joblog.started(self.describe())
         self.started = True
         self.busy = True
         self._transition(S.RUNNING)

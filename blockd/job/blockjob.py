@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from blockd.errors import QmpError
 from blockd.io.ratelimit import RateLimit
 from blockd.job.core import Job
+from blockd.job.joblog import JobLog
 from blockd.qapi.job import BlockdevOnError, JobVerb
 from blockd.qapi.job import JobStatus as S
 
@@ -25,6 +26,17 @@ class BlockJob(Job):
         self.iostatus = "ok"
         self.on_source_error = BlockdevOnError.REPORT
         self.on_target_error = BlockdevOnError.REPORT
+        self.joblog = JobLog(job_id, self.job_type.value)
+        #: Where the error that failed the job happened, for the log ("writing target 't'").
+        self.error_cause: str | None = None
+
+    def describe(self) -> str:
+        """What the job works on, for its start and end log lines."""
+        return ""
+
+    def start(self) -> None:
+        self.joblog.started(self.describe())
+        super().start()
 
     @property
     def speed(self) -> int:
@@ -94,10 +106,15 @@ class BlockJob(Job):
     def on_finalized_event(self) -> None:
         data = self._event_data()
         if self.force_cancel:
+            self.joblog.ended("cancelled", self.progress_current)
             self.manager.emit("BLOCK_JOB_CANCELLED", data)
         else:
             if self.ret:
                 data["error"] = self.error
+                cause = f" ({self.error_cause})" if self.error_cause else ""
+                self.joblog.ended("failed", self.progress_current, f"{self.error}{cause}")
+            else:
+                self.joblog.ended("completed", self.progress_current)
             self.manager.emit("BLOCK_JOB_COMPLETED", data)
 
     def on_pending_event(self) -> None:

@@ -87,6 +87,10 @@ class JobTxn:
             if not self._settling:
                 self._settled.set()
 
+    @property
+    def is_settling(self) -> bool:
+        return self._settling > 0
+
     async def wait_settled(self) -> None:
         while self._settling:
             await self._settled.wait()

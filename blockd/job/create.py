@@ -9,6 +9,7 @@ from typing import Any
 from blockd.block.driver import driver_class
 from blockd.errors import QmpError
 from blockd.job.core import Job
+from blockd.job.joblog import JobLog, fmt_bytes
 from blockd.qapi.job import JobType
 
 
@@ -20,6 +21,27 @@ class CreateJob(Job):
         self.options = options
         self.graph = graph
         self.progress_total = 1
+        self.joblog = JobLog(job_id, "create")
+
+    def start(self) -> None:
+        opts = self.options
+        what = [f"driver={opts.driver.value}"]
+        for key in ("filename", "file", "size"):
+            value = getattr(opts, key, None)
+            if isinstance(value, int):
+                value = fmt_bytes(value)
+            elif value is not None and not isinstance(value, str):
+                value = getattr(value, "node_name", None) or "(inline)"
+            if value is not None:
+                what.append(f"{key}={value!r}" if key == "filename" else f"{key}={value}")
+        self.joblog.started(", ".join(what))
+        super().start()
+
+    def on_finalized_event(self) -> None:
+        if self.ret:
+            self.joblog.ended("failed", None, self.error)
+        else:
+            self.joblog.ended("completed", None)
 
     async def run(self) -> None:
         driver = self.options.driver.value

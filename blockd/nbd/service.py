@@ -23,7 +23,7 @@ from blockd.errors import QmpError
 from blockd.io.paths import c_bytes
 from blockd.nbd.export import NbdExport
 from blockd.nbd.transmission import TOTAL_INFLIGHT_BYTES, MemoryBudget, NbdConnection
-from blockd.net.sockets import UNIX_PATH_MAX, resolve
+from blockd.net.sockets import UNIX_PATH_MAX, listen_inet, resolve
 
 log = logging.getLogger(__name__)
 
@@ -90,33 +90,25 @@ class NbdServer:
         self._socks.append(sock)
 
     async def _bind_inet(self, data: Any) -> None:
+        """Every address the host resolves to, dual-stack unless ipv4/ipv6 narrow it (so
+        ``""`` and ``"::"`` take IPv4 and IPv6, as in QEMU)."""
         host, port = data.host, data.port
         family = socket.AF_UNSPEC
         if data.ipv4 and not data.ipv6:
             family = socket.AF_INET
         elif data.ipv6 and not data.ipv4:
             family = socket.AF_INET6
+        # QEMU's try_bind: IPv6 sockets are dual-stack unless exactly one family was asked.
+        both_or_neither = (data.ipv4 is None and data.ipv6 is None) or bool(data.ipv4 and data.ipv6)
         try:
             infos = await resolve(host, port, family, socket.AI_PASSIVE)
         except socket.gaierror as exc:
             raise QmpError(f"address resolution failed for {host}:{port}: {exc.strerror}") from None
-        last: OSError | None = None
-        for fam, stype, proto, _canon, sa in infos:
-            sock = socket.socket(fam, stype, proto)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if fam == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(sa)
-                sock.listen(128)
-            except OSError as exc:
-                sock.close()
-                last = exc
-                continue
-            self._socks.append(sock)
-            return
-        reason = last.strerror if last is not None else "no address"
-        raise QmpError(f"Failed to find an available port: {reason}")
+        socks, first_error = listen_inet(infos, v6only=not both_or_neither)
+        if not socks:
+            reason = first_error.strerror if first_error is not None else "no address"
+            raise QmpError(f"Failed to find an available port: {reason}")
+        self._socks.extend(socks)
 
     def _bind_vsock(self, cid: str, port: str) -> None:
         fam = getattr(socket, "AF_VSOCK", None)

@@ -86,3 +86,39 @@ async def connect_inet(host: str, port: str, family: int = socket.AF_UNSPEC) -> 
             raise
         return sock
     raise last or OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+
+
+def listen_inet(
+    infos: list[AddrInfo], *, v6only: bool
+) -> tuple[list[socket.socket], OSError | None]:
+    """Listen on every address of *infos*, as QEMU's listener does for each address a host
+    resolves to (``""``: 0.0.0.0 and ``::``). An IPv6 socket takes IPv4 too unless *v6only*;
+    where the IPv4 side of the port is taken already (by the 0.0.0.0 socket just bound), it
+    serves IPv6 alone, as QEMU's try_bind does. Returns the sockets and the first error."""
+    socks: list[socket.socket] = []
+    first: OSError | None = None
+    for fam, stype, proto, _canon, sa in infos:
+        sock = socket.socket(fam, stype, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+            try:
+                sock.bind(sa)
+            except OSError as exc:
+                if fam != socket.AF_INET6 or v6only or exc.errno != errno.EADDRINUSE:
+                    raise
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sa)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            first = first or exc
+            continue
+        except BaseException:
+            sock.close()
+            for s in socks:
+                s.close()
+            raise
+        socks.append(sock)
+    return socks, first

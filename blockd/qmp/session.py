@@ -61,6 +61,8 @@ class QmpSession:
         self.num = next(_ids)
         self.log = logging.LoggerAdapter(log, {})
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+        #: Runs the commands; shutdown cancels it (QmpServer.cancel_commands).
+        self.worker: asyncio.Task[None] | None = None
 
     # -- output ------------------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
@@ -90,7 +92,7 @@ class QmpSession:
     # -- main loop ---------------------------------------------------------------------
     async def run(self) -> None:
         self.send(greeting())
-        worker = asyncio.create_task(self._work(), name=f"qmp#{self.num}")
+        worker = self.worker = asyncio.create_task(self._work(), name=f"qmp#{self.num}")
         streamer = JsonStreamer()
         try:
             while True:
@@ -186,6 +188,11 @@ class QmpSession:
             log.debug("qmp#%d --> %s %s", self.num, name, args)
         try:
             parsed = cmd.validator.validate(args)
+            if name == "quit":
+                # The daemon is going away: quit must not queue behind another client's
+                # command that waits without limit (a blockdev-add retrying a server), so
+                # those are cancelled now, as the shutdown that follows would cancel them.
+                await self.daemon.qmp.cancel_commands(keep=self)
             async with self.daemon.monitor_lock:
                 result = await cmd.handler(Context(self.daemon, self), parsed)
         except QmpError as exc:

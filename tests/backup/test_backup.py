@@ -14,7 +14,6 @@ from diffsupport import (
     blkdebug_raw_node,
     compare,
     completed,
-    needs_qcow2,
     norm,
     qcow2_image,
     qcow2_node,
@@ -22,7 +21,6 @@ from diffsupport import (
     raw_node,
     run_both,
 )
-from support import needs_qsd
 
 SIZE = 8 * MiB
 DATA = [(0x5A, 0, 3 * MiB), (0x11, 5 * MiB, 64 * 1024), (0x22, 7 * MiB + 4096, 4096)]
@@ -59,7 +57,6 @@ def _same_events(res: dict[str, Any], exact_replies: bool = True) -> None:
     assert got == want
 
 
-@needs_qsd
 @pytest.mark.parametrize("sync", ["full", "top"])
 def test_backup_sync_full_top(tmp_path: Path, sync: str) -> None:
     def scenario(s: Session, d: Path) -> dict[str, Any]:
@@ -77,7 +74,6 @@ def test_backup_sync_full_top(tmp_path: Path, sync: str) -> None:
     assert res["blockd"]["same"] and res["qsd"]["same"]
 
 
-@needs_qsd
 def test_backup_sync_none_runs_until_cancelled(tmp_path: Path) -> None:
     def scenario(s: Session, d: Path) -> dict[str, Any]:
         _add_nodes(s, d)
@@ -103,7 +99,6 @@ def _dirty_all(s: Session, node: str, bitmap: str, via: str = "t2") -> None:
     _backup(s, "fill", via, node, "full")
 
 
-@needs_qsd
 @pytest.mark.parametrize(
     ("sync", "mode"),
     [
@@ -140,7 +135,6 @@ def test_backup_with_bitmap_modes(tmp_path: Path, sync: str, mode: str | None) -
     assert res["blockd"]["same"] and res["qsd"]["same"]
 
 
-@needs_qsd
 def test_failed_incremental_keeps_bitmap_and_retry_succeeds(tmp_path: Path) -> None:
     """A backup onto a target whose writes fail ends with BLOCK_JOB_COMPLETED carrying the
     error; the bitmap keeps every bit; the retry onto a good target succeeds and clears it."""
@@ -176,7 +170,6 @@ def test_failed_incremental_keeps_bitmap_and_retry_succeeds(tmp_path: Path) -> N
     assert b["same"] and res["qsd"]["same"]
 
 
-@needs_qsd
 def test_target_error_stop_then_resume(tmp_path: Path) -> None:
     def scenario(s: Session, d: Path) -> dict[str, Any]:
         _add_nodes(s, d)
@@ -225,7 +218,6 @@ def test_target_error_stop_then_resume(tmp_path: Path) -> None:
     assert res["blockd"]["same"] and res["qsd"]["same"]
 
 
-@needs_qsd
 def test_source_error_report_and_ignore(tmp_path: Path) -> None:
     def scenario(s: Session, d: Path) -> dict[str, Any]:
         s.ok(
@@ -288,7 +280,6 @@ BACKUP_ERRORS: list[dict[str, Any]] = [
 ]
 
 
-@needs_qsd
 def test_backup_command_errors_match_qsd(tmp_path: Path) -> None:
     def scenario(s: Session, d: Path) -> list[Any]:
         _add_nodes(s, d)
@@ -321,7 +312,6 @@ def test_backup_command_errors_match_qsd(tmp_path: Path) -> None:
     assert not diffs, "\n".join(f"blockd {g}\n   qsd {w}" for g, w in diffs)
 
 
-@needs_qsd
 def test_drive_backup_raw(tmp_path: Path) -> None:
     def scenario(s: Session, d: Path) -> dict[str, Any]:
         s.ok(
@@ -407,8 +397,6 @@ def _build_qcow2(d: Path) -> None:
     qcow2_image(d / "top.qcow2", SIZE, backing=d / "base.qcow2")
 
 
-@needs_qsd
-@needs_qcow2
 @pytest.mark.parametrize("sync", ["full", "top"])
 def test_qcow2_backup(tmp_path: Path, sync: str) -> None:
     def scenario(s: Session, d: Path) -> dict[str, Any]:

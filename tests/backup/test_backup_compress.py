@@ -21,14 +21,12 @@ from diffsupport import (
     compare,
     completed,
     nbd_write,
-    needs_nbd,
-    needs_qcow2,
     qcow2_node,
     raw_image,
     raw_node,
     run_both,
 )
-from support import check_image, needs_qsd, qemu_img, qemu_io, start_blockd
+from support import check_image, qemu_img, qemu_io, start_blockd
 
 SIZE = 8 * MiB
 
@@ -57,8 +55,6 @@ def _check(path: Path) -> dict[str, Any]:
     return out
 
 
-@needs_qsd
-@needs_qcow2
 @pytest.mark.parametrize(
     ("compat", "cluster"),
     [("1.1", 65536), ("0.10", 65536), ("1.1", 512), ("0.10", 4096), ("1.1", 2 * MiB)],
@@ -130,8 +126,6 @@ def test_backup_compress_like_qsd(tmp_path: Path, compat: str, cluster: int) -> 
     )
 
 
-@needs_nbd
-@needs_qcow2
 @pytest.mark.parametrize(("compat", "cluster"), [("1.1", 65536), ("0.10", 4096)])
 def test_normal_writes_over_compressed_target(tmp_path: Path, compat: str, cluster: int) -> None:
     """After a compressed backup, writes through an NBD export of the target (unaligned,
@@ -180,8 +174,6 @@ def test_normal_writes_over_compressed_target(tmp_path: Path, compat: str, clust
     src2.unlink()
 
 
-@needs_nbd
-@needs_qcow2
 def test_compressed_backup_is_point_in_time(tmp_path: Path) -> None:
     """Guest writes during a throttled compressed backup: copy-before-write sends the old
     clusters compressed too, and the target is the source as it was at the start."""

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffsupport import MiB, Session, compare, needs_nbd, raw_image, raw_node, run_both
-from support import needs_qsd, qemu_io
+from diffsupport import MiB, Session, compare, raw_image, raw_node, run_both
+from support import qemu_io
 
 SIZE = 4 * MiB
 SPEED = 4 * MiB
@@ -49,7 +49,6 @@ def _check_timed(res: dict[str, Any], not_same: str = "") -> None:
     assert res["blockd"]["events"] == res["qsd"]["events"]
 
 
-@needs_qsd
 def test_zero_ranges_count_against_the_speed(tmp_path: Path) -> None:
     """A mostly sparse source: the zero ranges take their share of the time."""
 
@@ -66,8 +65,6 @@ def test_zero_ranges_count_against_the_speed(tmp_path: Path) -> None:
     _check_timed(run_both(tmp_path, build, scenario))
 
 
-@needs_qsd
-@needs_nbd
 def test_copy_before_write_counts_against_the_speed(tmp_path: Path) -> None:
     """A guest write of the second half right after the start: copy-before-write copies it at
     once, and the background copy of the first half then pays for those bytes too."""

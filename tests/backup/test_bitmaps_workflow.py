@@ -34,9 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from diffsupport import MiB, compare, needs_nbd, needs_qcow2, qcow2_image, qcow2_node
+from diffsupport import MiB, compare, qcow2_image, qcow2_node
 from qemu.qmp import QMPClient
-from support import EventLog, connect, needs_qsd, qemu_img, qemu_io, start_blockd, start_qsd
+from support import EventLog, connect, qemu_img, qemu_io, start_blockd, start_qsd
 
 QMP_SHELL = str(Path(sys.executable).parent / "qmp-shell")
 SIZE = 32 * MiB
@@ -425,9 +425,6 @@ def _dirs(tmp_path: Path) -> dict[str, Path]:
 
 def _start(kind: str, d: Path) -> Any:
     return start_blockd(d) if kind == "blockd" else start_qsd(d)
-
-
-pytestmark = [needs_qsd, needs_nbd, needs_qcow2]
 
 
 async def test_workflow_typed_into_qmp_shell(tmp_path: Path) -> None:

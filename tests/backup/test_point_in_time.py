@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from diffsupport import MiB, Session, compare, needs_nbd, raw_image, raw_node
+from diffsupport import MiB, Session, compare, raw_image, raw_node
 from support import start_blockd
 
 SIZE = 4 * MiB
@@ -39,7 +39,6 @@ def _writes(rng: random.Random) -> list[str]:
     return cmds
 
 
-@needs_nbd
 def test_backup_is_point_in_time(tmp_path: Path) -> None:
     daemon = start_blockd(tmp_path)
     s = Session(daemon.sock)

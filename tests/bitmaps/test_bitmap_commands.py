@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from diffsupport import MiB, Session, norm, raw_image, raw_node, run_both
-from support import needs_qsd
 
 LONG = "x" * 1024
 OK_LONG = "y" * 1023
@@ -97,7 +96,6 @@ def _scenario(s: Session, d: Path) -> list[Any]:
     return norm(out, d)
 
 
-@needs_qsd
 def test_bitmap_commands_match_qsd(tmp_path: Path) -> None:
     res = run_both(tmp_path, _build, _scenario)
     diffs = [(g, w) for g, w in zip(res["blockd"], res["qsd"], strict=True) if g != w]

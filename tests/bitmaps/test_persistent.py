@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from diffsupport import MiB, Session, qcow2_node, start
-from support import Daemon, check_image, needs_qsd, qemu_img, qemu_io
+from support import Daemon, check_image, qemu_img, qemu_io
 
 SIZE = 64 * MiB
 
@@ -62,7 +62,6 @@ def img(tmp_path: Path) -> Path:
     return p
 
 
-@needs_qsd
 def test_round_trip_through_qemu_img_qsd_and_restart(tmp_path: Path, img: Path) -> None:
     # 1. qemu-img adds one (empty, enabled), QSD fills another with real writes.
     qemu_img("bitmap", "--add", "-g", "65536", img, "from-img")
@@ -147,7 +146,6 @@ def _kill(d: Daemon) -> None:
     d.proc.wait()
 
 
-@needs_qsd
 def test_after_kill_9_bitmaps_are_inconsistent_and_only_removable(
     tmp_path: Path, img: Path
 ) -> None:
@@ -212,7 +210,6 @@ def _mark_all_in_use(tmp: Path, img: Path) -> None:
     s.close()
 
 
-@needs_qsd
 def test_persistent_errors_match_qsd(tmp_path: Path) -> None:
     results: dict[str, list[str]] = {}
     for kind in ("blockd", "qsd"):

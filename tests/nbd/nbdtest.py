@@ -314,11 +314,6 @@ def tcp_uri(port: int, export: str) -> str:
     return f"nbd://127.0.0.1:{port}/{export}"
 
 
-def has_command(q: Qmp, name: str) -> bool:
-    r = q.cmd("query-commands")
-    return any(c["name"] == name for c in r["return"])
-
-
 def wait_path(path: Path, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from nbdtest import Qmp, add_raw, daemon, make_raw, map_of, uri, wait_path
-from support import needs_qsd, qemu_img, qemu_io
+from support import qemu_img, qemu_io
 
 from blockd.block.drivers.nbd import parse_nbd_uri
 
@@ -60,7 +60,6 @@ def _exercise(front: str, image: Path) -> None:
     )
 
 
-@needs_qsd
 def test_blockd_client_on_qsd_export(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "q.raw", 16 << 20)
     qsd_sock = tmp_path / "qsd-nbd.sock"
@@ -127,7 +126,6 @@ def test_blockd_client_on_qemu_nbd(tmp_path: Path) -> None:
         proc.wait()
 
 
-@needs_qsd
 def test_qsd_client_on_blockd_export(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "b.raw", 16 << 20)
     bsock = tmp_path / "blockd-nbd.sock"

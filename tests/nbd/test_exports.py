@@ -3,13 +3,11 @@ its node through graph replacement, and daemon shutdown with clients connected."
 
 from __future__ import annotations
 
-import shutil
 import signal
 from pathlib import Path
 
-import pytest
-from nbdtest import Qmp, RawNbd, add_raw, daemon, has_command, make_raw, uri
-from support import have_qsd, qemu_io, run
+from nbdtest import Qmp, RawNbd, add_raw, daemon, make_raw, uri
+from support import qemu_io, run
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockUser
@@ -50,18 +48,10 @@ def _bitmap_map(q: Qmp, tmp: Path, tag: str, image: Path) -> tuple[str, str]:
     return out, busy.get("error", {}).get("desc", "")
 
 
-@pytest.mark.skipif(shutil.which("nbdinfo") is None, reason="nbdinfo missing")
 def test_dirty_bitmap_context_matches_qsd(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "bm.raw", 8 << 20)
     with daemon(tmp_path, "blockd") as (_d, q):
-        if not has_command(q, "block-dirty-bitmap-add"):
-            pytest.skip(
-                "dirty bitmaps are not implemented in blockd yet "
-                "(no block-dirty-bitmap-add): qemu:dirty-bitmap export untested"
-            )
         got = _bitmap_map(q, tmp_path, "b", image)
-    if not have_qsd:
-        pytest.skip("qemu-storage-daemon missing: no reference map")
     with daemon(tmp_path, "qsd") as (_d, q):
         want = _bitmap_map(q, tmp_path, "q", image)
     assert got == want
@@ -98,11 +88,8 @@ async def test_export_follows_node_replacement() -> None:
     await graph.close_all()
 
 
-@pytest.mark.skipif(not have_qsd, reason="qemu-storage-daemon missing")
-def test_snapshot_moves_export_if_supported(tmp_path: Path) -> None:
+def test_snapshot_moves_export(tmp_path: Path) -> None:
     with daemon(tmp_path, "blockd") as (_d, q):
-        if not has_command(q, "blockdev-snapshot-sync"):
-            pytest.skip("blockdev-snapshot-sync not in blockd yet")
         base = tmp_path / "base.qcow2"
         run("qemu-img", "create", "-f", "qcow2", str(base), "4M")
         q.run(

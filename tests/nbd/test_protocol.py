@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nbdtest import Qmp, RawNbd, add_raw, daemon, make_raw
-from support import needs_qsd, qemu_io
+from support import qemu_io
 
 from blockd.nbd import protocol as P
 
@@ -98,7 +98,6 @@ def _error_probe(sock: Path) -> dict[str, Any]:
     return out
 
 
-@needs_qsd
 def test_request_errors_and_replies_match_qsd(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "p.raw", 32 * MiB)
     seen = {}

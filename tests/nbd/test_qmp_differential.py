@@ -8,11 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from nbdtest import Qmp, RawNbd, daemon, make_raw
-from support import needs_qsd
-
-pytestmark = needs_qsd
 
 
 def _norm(obj: Any, tmp: Path) -> Any:
@@ -272,10 +268,6 @@ def test_bitmap_export_errors_match_qsd(tmp_path: Path) -> None:
     seen: dict[str, list[Any]] = {}
     for kind in ("qsd", "blockd"):
         with daemon(tmp_path, kind) as (_d, q):
-            if kind == "blockd" and not any(
-                c["name"] == "block-dirty-bitmap-add" for c in q.cmd("query-commands")["return"]
-            ):
-                pytest.skip("dirty bitmaps not implemented in blockd yet")
             _setup(q, tmp_path, kind)
             sock = str(tmp_path / f"{kind}-b.sock")
             script: list[tuple[str, dict[str, Any] | None]] = [

@@ -3,19 +3,13 @@ Unix sockets and TCP, compared with the image itself and with a QSD export of th
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from nbdtest import Qmp, daemon, free_port, make_raw, map_of, tcp_uri, uri
-from support import have_qsd, qemu_img, qemu_io, run
-
-from blockd.block.driver import driver_class
-
-needs_nbdinfo = pytest.mark.skipif(shutil.which("nbdinfo") is None, reason="nbdinfo missing")
-HAVE_QCOW2 = driver_class("qcow2") is not None
+from support import qemu_img, qemu_io, run
 
 
 def _make_image(tmp: Path, fmt: str) -> Path:
@@ -66,15 +60,9 @@ def _serve(
     return target
 
 
-FORMATS = [
-    "raw",
-    pytest.param(
-        "qcow2", marks=pytest.mark.skipif(not HAVE_QCOW2, reason="qcow2 driver not in blockd yet")
-    ),
-]
+FORMATS = ["raw", "qcow2"]
 
 
-@needs_nbdinfo
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 def test_map_and_info_match_image(tmp_path: Path, fmt: str, transport: str) -> None:
@@ -97,11 +85,10 @@ def test_map_and_info_match_image(tmp_path: Path, fmt: str, transport: str) -> N
         qemu_img("compare", "-U", "-f", fmt, "-F", "raw", image, out)
         qemu_img("compare", "-U", "-f", fmt, "-F", "raw", image, target)
     # nbdinfo --map of the same image exported by QSD is the reference.
-    if have_qsd:
-        with daemon(tmp_path, "qsd") as (_d, q):
-            target = _serve(q, image, fmt, transport, tmp_path, "q", **{"allocation-depth": True})
-            assert run("nbdinfo", "--map", target).stdout == nbd_map
-            assert run("nbdinfo", "--map=qemu:allocation-depth", target).stdout == depth_map
+    with daemon(tmp_path, "qsd") as (_d, q):
+        target = _serve(q, image, fmt, transport, tmp_path, "q", **{"allocation-depth": True})
+        assert run("nbdinfo", "--map", target).stdout == nbd_map
+        assert run("nbdinfo", "--map=qemu:allocation-depth", target).stdout == depth_map
     holes = [line for line in nbd_map.splitlines() if "hole" in line]
     assert holes and any("data" in line for line in nbd_map.splitlines())
 

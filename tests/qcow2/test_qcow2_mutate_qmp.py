@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient
-from support import Daemon, EventLog, connect, needs_qsd, qemu_img, qemu_io
+from support import Daemon, EventLog, connect, qemu_img, qemu_io
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -638,7 +638,6 @@ def _hwm_kib(pid: int) -> int:
     return 0
 
 
-@needs_qsd
 async def test_mutated_images_over_qmp(blockd: Daemon, qsd_factory: Any, tmp_path: Path) -> None:
     work = tmp_path / "m"
     work.mkdir()
@@ -775,7 +774,6 @@ def _regressions(ext: dict[str, int]) -> list[tuple[str, Any, bool]]:
     ]
 
 
-@needs_qsd
 async def test_open_checks_found_by_mutation(
     blockd: Daemon, qsd_factory: Any, tmp_path: Path
 ) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsupport import Session, start
-from support import needs_qsd, qemu_img, qemu_io
+from support import qemu_img, qemu_io
 
 
 def _strip(obj: Any) -> Any:
@@ -19,7 +19,6 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
-@needs_qsd
 def test_qcow2_node_info_matches_qsd(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     mid = tmp_path / "mid.qcow2"

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from diffsupport import Session, run_both
 from rawclient import RawQmp
-from support import needs_qsd
 
 CREATE_FILE = {"driver": "file", "filename": "$TMP/created.img", "size": 1048576}
 CREATE_BAD = {"driver": "file", "filename": "/nonexistent/dir/x.img", "size": 1048576}
@@ -194,7 +193,6 @@ def _play(sock: Path) -> list[Any]:
     return out
 
 
-@needs_qsd
 def test_same_errors_as_qsd(blockd_factory: Any, qsd_factory: Any) -> None:
     qsd = qsd_factory()
     blockd = blockd_factory()

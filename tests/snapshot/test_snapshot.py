@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError
-from support import connect, needs_qsd, qemu_img, qemu_io
+from support import connect, qemu_img, qemu_io
 
 
 def _chain(path: Path) -> list[tuple[str, str | None]]:
@@ -145,7 +145,6 @@ SNAP_ERRORS: list[dict[str, Any]] = [
 ]
 
 
-@needs_qsd
 async def test_snapshot_errors_match_qsd(
     blockd_factory: Any, qsd_factory: Any, tmp_path: Path
 ) -> None:

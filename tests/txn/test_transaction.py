@@ -16,7 +16,6 @@ from diffsupport import (
     raw_node,
     run_both,
 )
-from support import needs_qsd
 
 SIZE = 8 * MiB
 
@@ -42,7 +41,6 @@ def _diff(res: dict[str, Any]) -> None:
     assert not diffs, "\n".join(f"blockd {g}\n   qsd {w}" for g, w in diffs)
 
 
-@needs_qsd
 def test_transaction_errors_and_rollback(tmp_path: Path) -> None:
     def act(kind: str, **data: Any) -> dict[str, Any]:
         return {"type": kind, "data": data}
@@ -207,13 +205,11 @@ def _run_two_incrementals(
     return b, q
 
 
-@needs_qsd
 def test_grouped_incrementals_one_failing(tmp_path: Path) -> None:
     b, q = _run_two_incrementals(tmp_path, True, ("BLOCK_JOB_CANCELLED", None))
     assert b["after"] == b["before"] == q["after"]  # both bitmaps untouched
 
 
-@needs_qsd
 def test_individual_incrementals_one_failing(tmp_path: Path) -> None:
     b, q = _run_two_incrementals(tmp_path, False, ("BLOCK_JOB_COMPLETED", None))
     assert b["after"][0]["count"] == 0  # good one cleared its bitmap
@@ -222,7 +218,6 @@ def test_individual_incrementals_one_failing(tmp_path: Path) -> None:
     assert b["good_copied"] and q["good_copied"]
 
 
-@needs_qsd
 def test_grouped_success_and_manual_finalize(tmp_path: Path) -> None:
     def scenario(s: Session, d: Path) -> dict[str, Any]:
         _nodes(s, d)

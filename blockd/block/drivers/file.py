@@ -231,11 +231,12 @@ class FileDriver(BlockDriver):
         old_perm, old_unshared = self._before
         self._want = (perm, unshared)
         self._apply_locks(perm | old_perm, unshared | old_unshared)
+        hint = f"Is another process using the image [{self.path}]?"
         for i, bit in enumerate(_LOCK_BITS):
             if perm & bit and _lock_test(self.fd, LOCK_SHARED_BASE + i):
-                raise QmpError(f'Failed to get "{PERM_NAMES[bit]}" lock')
+                raise QmpError(f'Failed to get "{PERM_NAMES[bit]}" lock', hint=hint)
             if unshared & bit and _lock_test(self.fd, LOCK_PERM_BASE + i):
-                raise QmpError(f'Failed to get shared "{PERM_NAMES[bit]}" lock')
+                raise QmpError(f'Failed to get shared "{PERM_NAMES[bit]}" lock', hint=hint)
 
     def set_perm(self) -> None:
         if self._before is not None:

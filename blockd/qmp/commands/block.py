@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from blockd.block.query import block_device_info
@@ -10,6 +11,9 @@ from blockd.job.create import CreateJob
 from blockd.qapi.base import QapiModel
 from blockd.qapi.block import BlockdevCreateOptions, BlockDeviceInfo, BlockdevOptions
 from blockd.qmp.registry import Context, command
+
+#: Seconds blockdev-create waits for its job to conclude before replying.
+CREATE_REPLY_WAIT = 0.5
 
 
 class BlockdevDelArgs(QapiModel):
@@ -54,3 +58,11 @@ async def qmp_blockdev_create(ctx: Context, args: BlockdevCreateArgs) -> None:
     job = CreateJob(jobs, args.job_id, args.options, ctx.daemon.graph)
     job.create()
     job.start()
+    # QSD's monitor goes through its main loop between two commands, so its create of a
+    # small file has usually concluded when the next command is read; blockd reads commands
+    # queued on a connection back to back, and a job-dismiss sent right behind the create
+    # found the job still running. Waiting here for a create that is quick (a few hundred
+    # microseconds of syscalls for a sparse file) makes that sequence work every time; a
+    # long one (preallocating a big image) goes on running after the reply.
+    assert job.task is not None
+    await asyncio.wait({job.task}, timeout=CREATE_REPLY_WAIT)

@@ -19,11 +19,13 @@ from blockd.qmp.registry import Context, command
 
 @command("query-jobs", returns=list[JobInfo])
 async def qmp_query_jobs(ctx: Context, args: Any) -> list[dict[str, Any]]:
+    await ctx.daemon.jobs.settle()
     return [j.info() for j in ctx.daemon.jobs.newest_first()]
 
 
 @command("query-block-jobs", returns=list[BlockJobInfo])
 async def qmp_query_block_jobs(ctx: Context, args: Any) -> list[dict[str, Any]]:
+    await ctx.daemon.jobs.settle()
     return [j.block_info() for j in ctx.daemon.jobs.newest_first() if isinstance(j, BlockJob)]
 
 

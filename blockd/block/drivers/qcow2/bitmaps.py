@@ -422,7 +422,20 @@ class BitmapStore:
             raise QmpError(f"Can't update bitmap directory: {exc.strerror}") from None
         self.entries = new
 
-    def _to_store(self) -> list[DirtyBitmap]:
+    def unstored_fate(self) -> str:
+        """What becomes of the bitmaps a failed store leaves behind, for the log at close."""
+        on_disk = {e.name for e in self.entries}
+        names = [bm.name or "" for bm in self.to_store()]
+        kept = ", ".join(f"'{n}'" for n in names if n in on_disk)
+        lost = ", ".join(f"'{n}'" for n in names if n not in on_disk)
+        parts = []
+        if kept:
+            parts.append(f"{kept} stay flagged in use in the image (reported inconsistent)")
+        if lost:
+            parts.append(f"{lost} were never in the image and are lost")
+        return "; ".join(parts) or "nothing was lost"
+
+    def to_store(self) -> list[DirtyBitmap]:
         return [
             bm
             for bm in bitmaps_of(self.drv.node)
@@ -438,7 +451,7 @@ class BitmapStore:
         qcow2_store_persistent_dirty_bitmaps). Raises QmpError; the image then still holds
         the previous directory (in use: inconsistent on the next open, never stale)."""
         drv = self.drv
-        todo = self._to_store()
+        todo = self.to_store()
         if not todo:
             return
         if drv.node.read_only:

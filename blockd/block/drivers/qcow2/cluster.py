@@ -9,6 +9,7 @@ after the L2 tables they point to are on disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import struct
 from collections.abc import Callable
@@ -161,13 +162,21 @@ class ClusterMap:
             return old
         if l1i >= self.l1_size:
             raise OSError(errno.EIO, "qcow2: guest offset beyond the L1 table")
+        if old and old & (self.cluster_size - 1):
+            raise OSError(errno.EIO, f"qcow2: L2 table offset {old:#x} unaligned")
+        data = bytearray(await self.cache.get(old)) if old else bytearray(self.cluster_size)
         new = await self.refcounts.alloc(1)
-        if old:
-            if old & (self.cluster_size - 1):
-                raise OSError(errno.EIO, f"qcow2: L2 table offset {old:#x} unaligned")
-            data = bytearray(await self.cache.get(old))
-        else:
-            data = bytearray(self.cluster_size)
+        # Write the table to its cluster at once, while nothing refers to it (as QEMU's
+        # l2_allocate does): the file takes the space now, so a full disk fails this
+        # allocation, which is undone, instead of the write-back at the next flush, which
+        # would leave the cluster counted but never referenced. The cached copy stays dirty
+        # so that the write-back still orders refcounts before L2 before L1.
+        try:
+            await self.io.write_meta(new, data)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                await self.refcounts.update(new >> self.cluster_bits, 1, -1)
+            raise
         await self.cache.install(new, data, dirty=True)
         _Q.pack_into(self.l1, l1i * 8, new | OFLAG_COPIED)
         self.l1_dirty.add(l1i)

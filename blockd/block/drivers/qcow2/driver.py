@@ -146,7 +146,6 @@ class Qcow2Driver(BlockDriver):
         self.bitmaps = BitmapStore(self)
         #: Set once the bitmaps are written for good (blockdev-del, close): never twice.
         self._bitmaps_stored = False
-        self._bitmap_store_failed = False
         self._backing_null = False
         self._v2 = False
 
@@ -399,23 +398,18 @@ class Qcow2Driver(BlockDriver):
 
     async def store_dirty_bitmaps(self) -> None:
         """Write the persistent bitmaps for good, before the node goes away (blockdev-del
-        calls this first, so that a failure keeps the node and its bitmaps, and says why)."""
+        calls this first, so that a failure keeps the node and its bitmaps, and says why).
+        Every call tries again: a retry once the cause is gone (space freed) stores them."""
         if self._bitmaps_stored or self.node.read_only or self.map is None:
-            return
-        if self._bitmap_store_failed:
-            # The user was told and asked again: close without them. They stay flagged in
-            # use in the image, so they come back inconsistent, never stale.
-            log.error("%s: closing without storing persistent bitmaps", self.node.node_name)
-            self._bitmaps_stored = True
             return
         try:
             await self.bitmaps.store()
         except QmpError as exc:
-            self._bitmap_store_failed = True
+            names = ", ".join(f"'{bm.name}'" for bm in self.bitmaps.to_store())
             raise QmpError(
                 f"{exc.desc}; node '{self.node.node_name}' is kept with its bitmaps: run "
-                "blockdev-del again to close it without storing them (they will then be "
-                "reported inconsistent)"
+                f"blockdev-del again once the cause is fixed to store them, or remove {names} "
+                "with block-dirty-bitmap-remove to delete the node without them"
             ) from None
         self._bitmaps_stored = True
 
@@ -424,13 +418,17 @@ class Qcow2Driver(BlockDriver):
             return
         try:
             if not self.node.read_only and not self.file.closed:
-                try:
-                    await self.store_dirty_bitmaps()
-                except QmpError as exc:
-                    # They stay marked in use in the image: inconsistent next time, not stale.
-                    log.error(
-                        "%s: lost persistent bitmaps on close: %s", self.node.node_name, exc.desc
-                    )
+                if not self._bitmaps_stored:
+                    try:
+                        await self.bitmaps.store()
+                        self._bitmaps_stored = True
+                    except QmpError as exc:
+                        log.error(
+                            "%s: persistent bitmaps not stored: %s; %s",
+                            self.node.node_name,
+                            exc.desc,
+                            self.bitmaps.unstored_fate(),
+                        )
                 async with self.lock:
                     await self._sync_metadata(force_frees=True)
                     await self._trim_file()
