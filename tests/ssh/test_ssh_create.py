@@ -11,7 +11,7 @@ from typing import Any
 from diffsupport import Session, qcow2_image
 from sshlab import SshLab
 from sshtest import Pair
-from support import check_image, needs_qsd, qemu_img, qemu_io
+from support import check_image, qemu_img, qemu_io
 from test_ssh_io import export, unexport
 
 MiB = 1024 * 1024
@@ -30,7 +30,6 @@ def location(lab: SshLab, path: Path, **extra: Any) -> dict[str, Any]:
     return {"server": lab.server(), "path": str(path), **extra}
 
 
-@needs_qsd
 def test_create_sizes_and_truncation(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     got = {}
     for kind, s in pair.sessions.items():
@@ -53,7 +52,6 @@ def test_create_sizes_and_truncation(lab: SshLab, pair: Pair, tmp_path: Path) ->
     assert got["blockd"][0] == (None, 0, 0o644)
 
 
-@needs_qsd
 def test_create_errors_are_the_job_error(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     bad = {
         "hash": {"host-key-check": {"mode": "hash", "type": "sha1", "hash": "00"}},
@@ -72,7 +70,6 @@ def test_create_errors_are_the_job_error(lab: SshLab, pair: Pair, tmp_path: Path
     assert all(got["blockd"]), got
 
 
-@needs_qsd
 def test_qcow2_on_ssh(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     """blockdev-create ssh, then qcow2 on it; data written through an NBD export lands in an
     image that qemu-img checks clean and that QSD reads back over ssh."""
@@ -113,7 +110,6 @@ def test_qcow2_on_ssh(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     q.ok("blockdev-del", {"node-name": "back"})
 
 
-@needs_qsd
 def test_qcow2_create_on_a_bigger_ssh_file(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     """qcow2 created on an ssh node that already holds 4 MiB of garbage: ssh cannot shrink, so
     QSD writes the image over it and so does blockd; the image works and checks clean."""
@@ -146,7 +142,6 @@ def forget_backing_format(path: Path) -> None:
         f.write(bytes.fromhex("6b6b6b6b"))
 
 
-@needs_qsd
 def test_backing_files_open_over_ssh(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     """A qcow2 on an ssh node finds its backing file on the same host: a relative name next to
     it (as QSD does), an absolute name there too (QSD opens that one locally)."""

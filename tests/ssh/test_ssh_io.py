@@ -15,7 +15,7 @@ import pytest
 from diffsupport import Session, compare, raw_image
 from sshlab import SshLab
 from sshtest import Pair, started_pair
-from support import needs_qsd, qemu_io
+from support import qemu_io
 
 MiB = 1024 * 1024
 WRITES = [(0x11, 0, 65536), (0x22, 3 * MiB - 512, 1536), (0x33, 5 * MiB + 4096, 2 * MiB + 123)]
@@ -41,7 +41,6 @@ def raw_on_ssh(lab: SshLab, name: str, path: Path, **extra: Any) -> dict[str, An
     return {"driver": "raw", "node-name": name, "file": lab.node(f"{name}-ssh", path), **extra}
 
 
-@needs_qsd
 def test_nbd_writes_reach_the_remote_file(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     expected = raw_image(tmp_path / "expected.raw", 8 * MiB)
     for pattern, off, n in WRITES:
@@ -64,7 +63,6 @@ def test_nbd_writes_reach_the_remote_file(lab: SshLab, pair: Pair, tmp_path: Pat
         assert compare(remote, expected), kind
 
 
-@needs_qsd
 def test_reads_past_the_remote_end_are_zeroes(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     """The file shrinks behind the node's back: the node keeps its size, the tail reads as
     zeroes in both daemons."""
@@ -79,7 +77,6 @@ def test_reads_past_the_remote_end_are_zeroes(lab: SshLab, pair: Pair, tmp_path:
         s.ok("blockdev-del", {"node-name": "short"})
 
 
-@needs_qsd
 def test_node_info_like_qsd(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     remote = raw_image(tmp_path / "disk.raw", 4 * MiB)
     got = {}
@@ -105,7 +102,6 @@ def logging_lab(tmp_path_factory: pytest.TempPathFactory) -> Any:
     server.stop()
 
 
-@needs_qsd
 def test_flush_reaches_the_server_as_fsync(logging_lab: SshLab, tmp_path: Path) -> None:
     lab = logging_lab
     log = lab.root / "sftp.log"

@@ -11,13 +11,12 @@ from typing import Any
 from diffsupport import Session, compare, completed, raw_image, raw_node
 from sshlab import SshLab, connections
 from sshtest import Pair
-from support import needs_qsd, start_blockd
+from support import start_blockd
 from test_ssh_io import raw_on_ssh
 
 MiB = 1024 * 1024
 
 
-@needs_qsd
 def test_backup_onto_ssh_target(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     src = raw_image(
         tmp_path / "src.raw", 24 * MiB, [(0x31, 0, 3 * MiB), (0x32, 10 * MiB + 512, 5 * MiB)]

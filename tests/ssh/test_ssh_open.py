@@ -17,7 +17,6 @@ import pytest
 from diffsupport import Session
 from sshlab import OTHER_USER, SshLab, connections
 from sshtest import Pair, started_pair
-from support import needs_qsd
 
 NOT_FOUND = "no host key was found in known_hosts"
 AUTH = (
@@ -355,7 +354,6 @@ def outcome(s: Session, args: dict[str, Any]) -> tuple[str, str]:
     return (r["error"]["class"], r["error"]["desc"])
 
 
-@needs_qsd
 @pytest.mark.parametrize(
     "case",
     [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.name in SLOW else []) for c in CASES],
@@ -376,7 +374,6 @@ def test_open_like_qsd(case: Case, lab: SshLab, pair: Pair, tmp_path: Path) -> N
         assert cls == "GenericError" and case.expect in desc, desc
 
 
-@needs_qsd
 def test_no_connection_left_after_failures(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
     """After every refusal above and every blockdev-del, blockd holds no connection to the
     server (qemu-storage-daemon keeps many)."""
@@ -393,7 +390,6 @@ def test_no_connection_left_after_failures(lab: SshLab, pair: Pair, tmp_path: Pa
     assert connections(pair.daemons["blockd"].proc.pid, lab.port) == 0
 
 
-@needs_qsd
 def test_agent_keys_authenticate(lab: SshLab, tmp_path: Path) -> None:
     """With no identity file left, a key held by an ssh-agent ($SSH_AUTH_SOCK) still logs in,
     in both daemons (a throwaway agent on a socket in tmp_path)."""
