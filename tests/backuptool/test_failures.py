@@ -1,0 +1,171 @@
+"""What goes wrong between and during runs, on blockd and on qemu-storage-daemon: the daemon
+killed with SIGKILL in the middle of a run, a disk resized between runs, the chain's bitmap
+removed by hand, the backup disk filling up during a run. Each time the failed run leaves the
+chain as it was (and no partial file), the next ``auto`` run takes a full backup by itself and
+says why, and every point restores to the disk as it was at that point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bblab import TOOL, Lab, MiB
+from support import ROOT, qemu_img, run
+
+
+def _files(lab: Lab) -> list[str]:
+    return sorted(
+        str(p.relative_to(lab.dir)) for p in lab.dir.rglob("*") if not p.name.startswith(".")
+    )
+
+
+def _full_reason(res: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in res.stderr.splitlines() if ": full backup: " in line]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def test_daemon_killed_during_run_4(lab: Lab) -> None:
+    lab.add_disk("disk0", 32 * MiB)
+    for night in (1, 2, 3):
+        if night > 1:
+            lab.write_random("disk0")
+        lab.snapshot(night)
+        lab.backup()
+    before = _files(lab)
+    lab.write_random("disk0", count=6)
+    # run 4, throttled so that it is still copying when the daemon dies
+    proc = subprocess.Popen(
+        [
+            *TOOL,
+            "backup",
+            "--socket",
+            str(lab.sock),
+            "--node",
+            "disk0",
+            "--dir",
+            str(lab.dir),
+            "--json",
+            "--speed",
+            "256K",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "started":
+            break
+    lab.kill9()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err + out
+    error = json.loads(out.splitlines()[-1])
+    assert error["event"] == "error"
+    assert "point 4 failed: the daemon went away" in error["message"], error
+    assert _files(lab) == before, "the failed run left files behind"
+
+    lab.start()  # the daemon comes back with the same disk image
+    lab.write_random("disk0")
+    lab.snapshot(4)  # run 5: the failed run took no number, so this is point 4
+    res = lab.backup()
+    assert "previous run failed" in _full_reason(res), res.stderr
+    assert "point 4 done: full" in res.stdout
+    for point in (1, 2, 3, 4):
+        lab.restore_equals(point, lab.copies[point]["disk0"])
+    lab.tool("verify", lab.dir)
+
+
+def test_disk_resized_between_runs(lab: Lab) -> None:
+    lab.add_disk("disk0", 16 * MiB)
+    lab.snapshot(1)
+    lab.backup()
+    lab.write_random("disk0")
+    lab.snapshot(2)
+    lab.backup()
+    lab.detach("disk0")
+    qemu_img("resize", "-q", "-f", "qcow2", lab.disks["disk0"], "24M")
+    lab.attach("disk0")
+    lab.write_random("disk0")
+    run("qemu-io", "-f", "raw", "-c", f"write -P 0x77 {20 * MiB} 64k", lab.uri("disk0"))
+    lab.snapshot(3)
+    res = lab.backup()
+    assert "disk0 changed size (16.0 MiB -> 24.0 MiB)" in _full_reason(res)
+    lab.write_random("disk0")
+    lab.snapshot(4)
+    assert "point 4 done: inc" in lab.backup().stdout
+    for point in (1, 2, 3, 4):
+        lab.restore_equals(point, lab.copies[point]["disk0"])
+    assert os.path.getsize(lab.tmp / "restore-1-d.raw") == 16 * MiB
+    assert os.path.getsize(lab.tmp / "restore-4-d.raw") == 24 * MiB
+    lab.tool("verify", lab.dir)
+
+
+def test_bitmap_removed_by_hand(lab: Lab) -> None:
+    lab.add_disk("disk0", 16 * MiB)
+    lab.snapshot(1)
+    lab.backup()
+    lab.write_random("disk0")
+    lab.snapshot(2)
+    lab.backup()
+    bitmap = lab.points()[2]["disks"]["disk0"]["bitmap"]
+    lab.qmp("block-dirty-bitmap-remove", {"node": "disk0", "name": bitmap})
+    lab.write_random("disk0")
+    lab.snapshot(3)
+    refused = lab.backup("--level", "inc", ok=False)
+    assert refused.returncode == 1
+    assert f"cannot take an incremental backup: bitmap {bitmap} is missing on disk0" in (
+        refused.stderr
+    )
+    res = lab.backup()
+    assert f"bitmap {bitmap} is missing on disk0" in _full_reason(res)
+    lab.write_random("disk0")
+    lab.snapshot(4)
+    assert "point 4 done: inc" in lab.backup().stdout
+    for point in (1, 2, 3, 4):
+        lab.restore_equals(point, lab.copies[point]["disk0"])
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 12 MiB tmpfs for the backup directory (the tests run as root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", mnt)
+    try:
+        yield mnt
+    finally:
+        run("umount", "-l", mnt, check=False)
+
+
+def test_backup_disk_fills_up_during_a_run(lab: Lab, small_fs: Path) -> None:
+    lab.dir = small_fs / "backups"
+    lab.add_disk("disk0", 32 * MiB, fill=4 * MiB)
+    lab.snapshot(1)
+    lab.backup()
+    before = _files(lab)
+    # 16 MiB of new data cannot fit in the 8 MiB left
+    run("qemu-io", "-f", "raw", "-c", f"write -P 0x33 {8 * MiB} {16 * MiB}", lab.uri("disk0"))
+    failed = lab.backup(ok=False)
+    assert failed.returncode == 1
+    assert "point 2 failed: the backup of disk0 failed: No space left on device" in failed.stderr
+    assert _files(lab) == before, "the failed run left files behind"
+    lab.restore_equals(1, lab.copies[1]["disk0"])
+    lab.tool("verify", lab.dir)
+
+    run("mount", "-o", "remount,size=64m", small_fs)
+    lab.snapshot(2)
+    res = lab.backup()
+    assert "previous run failed (the backup of disk0 failed: No space left" in _full_reason(res)
+    lab.write_random("disk0")
+    lab.snapshot(3)
+    assert "point 3 done: inc" in lab.backup().stdout
+    for point in (1, 2, 3):
+        lab.restore_equals(point, lab.copies[point]["disk0"])
+    lab.tool("verify", lab.dir)
