@@ -10,6 +10,7 @@ line on stdout and nothing else is printed there.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import IO, Any
@@ -61,25 +62,42 @@ class BarReporter(Reporter):
     def __init__(self, out: IO[str] | None = None, err: IO[str] | None = None) -> None:
         super().__init__(out, err)
         self.bars: dict[str, tqdm[Any]] = {}
+        self.order: list[str] = []
 
     def start(self, disks: list[str]) -> None:
-        width = max(len(d) for d in disks)
-        for i, disk in enumerate(disks):
-            self.bars[disk] = tqdm(
-                total=0,
-                desc=disk.ljust(width),
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                position=i,
-                leave=True,
-                file=self.err,
-                dynamic_ncols=True,
-                mininterval=0.1,
-            )
+        self.order = list(disks)
+
+    def _bar(self, disk: str, total: int) -> tqdm[Any]:
+        """The bar of *disk*, made on its first report, once the job knows its length."""
+        bar = self.bars.get(disk)
+        if bar is not None:
+            return bar
+        width = max(len(d) for d in self.order)
+        # A pty nobody sized (script, CI runners) reports 0x0, and tqdm then draws nothing
+        # (no column for the bar, no row for it): assume 80x24 there.
+        try:
+            size = os.get_terminal_size(self.err.fileno())
+            cols, rows = size.columns, size.lines
+        except (OSError, ValueError):
+            cols = rows = 0
+        bar = self.bars[disk] = tqdm(
+            total=total,
+            desc=disk.ljust(width),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            position=self.order.index(disk),
+            leave=True,
+            file=self.err,
+            dynamic_ncols=cols > 0,
+            ncols=None if cols > 0 else 80,
+            nrows=None if rows > 0 else 24,
+            mininterval=0.1,
+        )
+        return bar
 
     def update(self, disk: str, done: int, total: int) -> None:
-        bar = self.bars[disk]
+        bar = self._bar(disk, total)
         if bar.total != total:
             bar.total = total
         if done != bar.n:
