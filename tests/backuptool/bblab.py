@@ -142,7 +142,11 @@ class Lab:
 
     # -- the tool --------------------------------------------------------------------------
     def tool(
-        self, *args: str | Path, ok: bool = True, process: bool = False
+        self,
+        *args: str | Path,
+        ok: bool = True,
+        process: bool = False,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run blockd-backup with *args*. In this process by default (the same ``main`` the
         console script calls, minus half a second of interpreter start-up per call); as a
@@ -150,7 +154,12 @@ class Lab:
         argv = [str(a) for a in args]
         if process:
             res = subprocess.run(
-                [*TOOL, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120
+                [*TOOL, *argv],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=120,
+                env={**os.environ, **(env or {})},
             )
         else:
             out, err = io.StringIO(), io.StringIO()

@@ -251,6 +251,11 @@ class Run:
         except BaseException as exc:
             why = _describe(exc)
             await self._clean_up(why)
+            if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+                self.rep.note(
+                    f"point {p.point} interrupted; the partial backup was removed and the next "
+                    "run will be a full backup"
+                )
             if isinstance(exc, ToolError):
                 raise ToolError(
                     f"point {p.point} failed: {why}; the partial backup was removed and the "
@@ -390,8 +395,8 @@ class Run:
             await asyncio.to_thread(digest.write_sums, spath, sums)
             layers = []
             if p.chain is not None:
-                for q in p.chain.points:
-                    layers.append(digest.read_sums(self.chain_dir / q.disks[node].sums))
+                for name in p.chain.sums_up_to(p.chain.points[-1].point, node):
+                    layers.append(digest.read_sums(self.chain_dir / name))
             layers.append(sums)
             await asyncio.to_thread(fsync_file, path)
             disks[node] = DiskPoint(

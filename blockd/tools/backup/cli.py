@@ -221,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rep.note(exc.message)
         return exc.code
-    if rc == EXIT_INTERRUPTED and args.command != "serve":
-        rep.note("interrupted")
     return rc
 
 

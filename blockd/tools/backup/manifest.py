@@ -161,6 +161,16 @@ class Chain:
                 return out
         raise KeyError(number)
 
+    def sums_up_to(self, number: int, disk: str) -> list[str]:
+        """The sums files whose overlay is *disk* at point *number*, base first. While a
+        prune's merge is unfinished, the chain's first point is still an incremental over
+        a base that is no longer a point; the journal's merged sums stand for both then."""
+        upto = self.points_up_to(number)
+        j = self.journal
+        if j is not None and j["phase"] == "merge":
+            return [j["merged-sums"][disk]] + [p.disks[disk].sums for p in upto[1:]]
+        return [p.disks[disk].sums for p in upto]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,

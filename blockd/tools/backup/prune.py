@@ -94,7 +94,8 @@ async def merge_front(chain: Chain, cut: int, merger: Merger, rep: Reporter) -> 
     drop = [p.point for p in chain.points if p.point < cut]
     merged: dict[str, str] = {}
     for disk in chain.disks:
-        sums = [digest.read_sums(chain.path / p.disks[disk].sums) for p in chain.points_up_to(cut)]
+        files = chain.sums_up_to(cut, disk)
+        sums = [digest.read_sums(chain.path / name) for name in files]
         name = merged_sums_name(disk, base_point.point, cut)
         digest.write_sums(chain.path / name, digest.merge(sums))
         merged[disk] = name
@@ -179,10 +180,8 @@ async def reverify_digests(chain: Chain) -> None:
     """Every kept point's sums still add up to the digest it was taken with."""
     for p in chain.points:
         for disk, dp in p.disks.items():
-            sums = [
-                digest.read_sums(chain.path / q.disks[disk].sums)
-                for q in chain.points_up_to(p.point)
-            ]
+            files = chain.sums_up_to(p.point, disk)
+            sums = [digest.read_sums(chain.path / name) for name in files]
             if digest.point_digest(sums) != dp.digest:
                 raise ToolError(f"after the prune, point {p.point} of {disk} no longer adds up")
 

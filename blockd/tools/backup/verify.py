@@ -76,7 +76,8 @@ async def check_point(chain: Chain, point: Point, f: Findings) -> bool:
             good &= await check_layer(chain, layer.layer, layer.sums, backing, f)
             backing = layer.layer
         try:
-            sums = [digest.read_sums(chain.path / q.disks[disk].sums) for q in upto]
+            files = chain.sums_up_to(point.point, disk)
+            sums = [digest.read_sums(chain.path / name) for name in files]
             if digest.point_digest(sums) != dp.digest:
                 f.problems.append(f"point {point.point}, {disk}: digest differs from the manifest")
                 good = False
