@@ -1,6 +1,6 @@
 """``serve``: a point exported read-only over NBD by the daemon itself (instant restore), on the
 daemon's running NBD server or on one the tool starts, and everything removed again when the
-tool is interrupted; ``restore`` refuses to overwrite a file and writes qcow2 on request.
+tool is interrupted. Then ``restore`` refuses to overwrite a file and writes qcow2 on request.
 """
 
 from __future__ import annotations
@@ -97,11 +97,7 @@ def test_serve_a_point(lab: Lab) -> None:
     lab.qmp("nbd-server-start", {"addr": {"type": "unix", "data": {"path": own}}})
     # the server was the tool's to stop: it is gone, so a new one can start on the same socket
 
-
-def test_restore_refuses_overwrite_and_writes_qcow2(lab: Lab) -> None:
-    lab.add_disk("disk0", 8 * MiB)
-    lab.snapshot(1)
-    lab.backup()
+    # restore refuses to overwrite a file, and writes a standalone qcow2 on request
     out = lab.tmp / "out.qcow2"
     out.write_bytes(b"precious")
     refused = lab.tool(
@@ -113,4 +109,4 @@ def test_restore_refuses_overwrite_and_writes_qcow2(lab: Lab) -> None:
     res = qemu_img("compare", "-f", "qcow2", "-F", "raw", out, lab.copies[1]["disk0"], check=False)
     assert res.returncode == 0, res.stdout
     missing = lab.tool("restore", lab.dir, "--point", "9", "--to", lab.tmp / "x", ok=False)
-    assert "has no point 9 (points: 1)" in missing.stderr
+    assert "has no point 9 (points: 1, 2)" in missing.stderr

@@ -154,7 +154,7 @@ async def delete_nodes(mon: Monitor, nodes: list[str]) -> list[str]:
             try:
                 await s.execute("blockdev-del", {"node-name": node})
             except QmpFailed as exc:
-                if "not found" not in exc.desc and "Cannot find" not in exc.desc:
+                if not exc.missing:
                     failed.append(f"{node} ({exc.desc})")
     return failed
 
@@ -270,21 +270,20 @@ class Run:
         p = self.plan
         if p.level == "full":
             self.chain_dir.mkdir(exist_ok=True)
-        for i, (node, disk) in enumerate(self.disks.items()):
+        for node, disk in self.disks.items():
             backing = None
             if p.chain is not None:
                 backing = p.chain.points[-1].disks[node].layer
             path = self.chain_dir / layer_name(node, p.point)
             await create_layer(path, disk.size, CLUSTER, backing)
-            self.targets[node] = self.bdir.target_node(p.point, i)
-            self.jobs[self.bdir.job_id(p.point, i)] = node
 
     async def _start(self) -> None:
         p = self.plan
         actions: list[dict[str, Any]] = []
         async with self.mon.session() as s:
-            for node, tnode in self.targets.items():
+            for i, node in enumerate(self.disks):
                 path = self.chain_dir / layer_name(node, p.point)
+                tnode = self.bdir.target_node(p.point, i)
                 await s.execute(
                     "blockdev-add",
                     {
@@ -293,6 +292,8 @@ class Run:
                         "file": {"driver": "file", "filename": str(path)},
                     },
                 )
+                self.targets[node] = tnode  # from here on, ours to delete
+                self.jobs[self.bdir.job_id(p.point, i)] = node
             if p.level == "full":
                 for node in self.targets:
                     actions += await self._bitmap_actions(s, node)

@@ -51,3 +51,10 @@ class QmpFailed(ToolError):
         self.command = command
         self.error_class = error_class
         self.desc = desc
+
+    @property
+    def missing(self) -> bool:
+        """The error says the node (or bitmap, export) does not exist. Daemons word it
+        differently by command: "Failed to find node with node-name=...", "Cannot find
+        device=... nor node-name=...", "Node 'x' not found", "Dirty bitmap 'b' not found"."""
+        return any(w in self.desc for w in ("not found", "Cannot find", "Failed to find"))

@@ -255,6 +255,9 @@ class BackupDir:
 
     @classmethod
     def open(cls, path: Path, create: bool = False) -> BackupDir:
+        # Absolute: the daemon opens the layers by name, and its working directory is not
+        # ours (qemu-storage-daemon --daemonize runs in /).
+        path = Path(os.path.abspath(path))
         if not path.is_dir():
             if not create:
                 raise ToolError(f"{path} is not a directory")

@@ -138,13 +138,13 @@ class LineReporter(Reporter):
         now = time.monotonic()
         if pct // self.STEP > last_pct // self.STEP or now - last_t >= self.EVERY:
             self.seen[disk] = (pct, now, done)
-            rate = done / max(now - self.t0, 1e-6)
-            eta = f", about {(total - done) / rate:.0f} s left" if rate and done < total else ""
-            print(
-                f"{disk}: {pct}% of {human(total)}, {human(rate)}/s{eta}",
-                file=self.err,
-                flush=True,
-            )
+            took = now - self.t0
+            speed = ""
+            if took >= 1 and done:  # a rate from the first poll says nothing
+                rate = done / took
+                left = f", about {(total - done) / rate:.0f} s left" if done < total else ""
+                speed = f", {human(rate)}/s{left}"
+            print(f"{disk}: {pct}% of {human(total)}{speed}", file=self.err, flush=True)
 
 
 class JsonReporter(Reporter):

@@ -112,7 +112,7 @@ async def _stop(mon: Monitor, nodes: list[str], stop_server: bool) -> None:
                     await s.execute("blockdev-del", {"node-name": node})
                     left.remove(node)
                 except QmpFailed as exc:
-                    if "not found" in exc.desc or "Cannot find" in exc.desc:
+                    if exc.missing:
                         left.remove(node)
                     elif time.monotonic() > deadline:
                         raise ToolError(f"cannot close {node}: {exc.desc}") from None

@@ -23,6 +23,7 @@ from blockd.tools.backup.progress import Reporter
 from blockd.tools.backup.qemuimg import qemu_img
 
 SHOW = 3  # differing chunks named per layer
+PARALLEL = 4  # layers checked at once
 
 
 @dataclass
@@ -34,10 +35,8 @@ class Findings:
 
 async def check_layer(
     chain: Chain, layer: str, sums_file: str, backing: str | None, f: Findings
-) -> bool:
+) -> None:
     path = chain.path / layer
-    if path in f.layers:
-        return f.layers[path]
     bad_before = len(f.problems)
     rc, out, err = await qemu_img("check", "--output=json", "-f", "qcow2", path, check=False)
     if rc == 3:
@@ -61,30 +60,53 @@ async def check_layer(
             )
     except (LayerError, ToolError) as exc:
         f.problems.append(str(exc))
-    good = len(f.problems) == bad_before
-    f.layers[path] = good
-    return good
+    f.layers[path] = len(f.problems) == bad_before
 
 
-async def check_point(chain: Chain, point: Point, f: Findings) -> bool:
-    good = True
-    upto = chain.points_up_to(point.point)
-    for disk, dp in point.disks.items():
+def layers_of(chain: Chain, point: Point) -> list[tuple[str, str, str | None]]:
+    """(layer, its sums file, the backing file it must name) for every layer of *point*."""
+    out = []
+    for disk in point.disks:
         backing: str | None = None
-        for q in upto:
+        for q in chain.points_up_to(point.point):
             layer = q.disks[disk]
-            good &= await check_layer(chain, layer.layer, layer.sums, backing, f)
+            out.append((layer.layer, layer.sums, backing))
             backing = layer.layer
-        try:
-            files = chain.sums_up_to(point.point, disk)
-            sums = [digest.read_sums(chain.path / name) for name in files]
-            if digest.point_digest(sums) != dp.digest:
-                f.problems.append(f"point {point.point}, {disk}: digest differs from the manifest")
+    return out
+
+
+async def check_points(targets: list[tuple[Chain, Point]], f: Findings) -> list[int]:
+    """Check every layer the *targets* need (each once, a few at a time: qemu-img check and
+    hashing overlap), then each point's digest; the points that failed."""
+    todo: dict[Path, tuple[Chain, str, str, str | None]] = {}
+    for chain, point in targets:
+        for layer, sums_file, backing in layers_of(chain, point):
+            todo.setdefault(chain.path / layer, (chain, layer, sums_file, backing))
+    gate = asyncio.Semaphore(PARALLEL)
+
+    async def one(args: tuple[Chain, str, str, str | None]) -> None:
+        async with gate:
+            await check_layer(*args, f)
+
+    await asyncio.gather(*(one(a) for a in todo.values()))
+    bad = []
+    for chain, point in targets:
+        good = all(f.layers[chain.path / layer] for layer, _, _ in layers_of(chain, point))
+        for disk, dp in point.disks.items():
+            try:
+                files = chain.sums_up_to(point.point, disk)
+                sums = [digest.read_sums(chain.path / name) for name in files]
+                if digest.point_digest(sums) != dp.digest:
+                    f.problems.append(
+                        f"point {point.point}, {disk}: digest differs from the manifest"
+                    )
+                    good = False
+            except ToolError as exc:
+                f.problems.append(str(exc))
                 good = False
-        except ToolError as exc:
-            f.problems.append(str(exc))
-            good = False
-    return good
+        if not good:
+            bad.append(point.point)
+    return bad
 
 
 async def verify(directory: Path, number: int | None, rep: Reporter) -> int:
@@ -105,10 +127,7 @@ async def verify(directory: Path, number: int | None, rep: Reporter) -> int:
             if not targets:
                 raise ToolError(f"{directory} holds no backup point yet")
         f = Findings()
-        bad = []
-        for chain, point in targets:
-            if not await check_point(chain, point, f):
-                bad.append(point.point)
+        bad = await check_points(targets, f)
         for note in f.notes:
             rep.note(note)
         for problem in f.problems:
