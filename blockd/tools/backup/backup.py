@@ -55,7 +55,7 @@ from blockd.tools.backup.qemuimg import create_layer
 from blockd.tools.backup.session import Monitor, Session
 
 CLUSTER = 65536
-POLL = 0.1
+POLL = 0.05
 
 
 @dataclass
@@ -91,32 +91,32 @@ def now_iso() -> str:
 
 
 # -- looking at the daemon -----------------------------------------------------------------------
-async def inspect(s: Session, nodes: list[str]) -> dict[str, Disk]:
+Leftovers = tuple[list[str], list[str]]  # job ids, target node names
+
+
+async def look(s: Session, bdir: BackupDir, nodes: list[str]) -> tuple[dict[str, Disk], Leftovers]:
+    """The disks, and what an interrupted run of this directory left in the daemon (its jobs
+    and target nodes), in one session."""
     infos = await s.execute("query-named-block-nodes", {"flat": True})
     by_name = {n["node-name"]: n for n in infos}
-    out = {}
+    disks = {}
     for node in nodes:
         info = by_name.get(node)
         if info is None:
             raise ToolError(f"the daemon has no node '{node}'")
         bitmaps = {b["name"]: b for b in info.get("dirty-bitmaps", []) if "name" in b}
-        out[node] = Disk(node, int(info["image"]["virtual-size"]), bitmaps)
-    return out
-
-
-async def cleanup_leftovers(mon: Monitor, bdir: BackupDir, rep: Reporter) -> None:
-    """Jobs and target nodes of this directory that an interrupted run left in the daemon."""
+        disks[node] = Disk(node, int(info["image"]["virtual-size"]), bitmaps)
     prefix = bdir.prefix
-    async with mon.session() as s:
-        jobs = [j for j in await s.execute("query-jobs") if j["id"].startswith(prefix)]
-        nodes = [
-            n["node-name"]
-            for n in await s.execute("query-named-block-nodes", {"flat": True})
-            if n["node-name"].startswith(prefix + "t")
-        ]
+    jobs = [j["id"] for j in await s.execute("query-jobs") if j["id"].startswith(prefix)]
+    targets = [n for n in by_name if n.startswith(prefix + "t")]
+    return disks, (jobs, targets)
+
+
+async def cleanup_leftovers(mon: Monitor, jobs: list[str], nodes: list[str], rep: Reporter) -> None:
+    """Cancel and dismiss *jobs*, delete *nodes*: what an interrupted run left behind."""
     if jobs or nodes:
         rep.note(f"removing what an interrupted run left in the daemon: {len(jobs)} job(s)")
-    await finish_jobs(mon, [j["id"] for j in jobs], cancel=True)
+    await finish_jobs(mon, jobs, cancel=True)
     await delete_nodes(mon, nodes)
 
 
@@ -219,6 +219,8 @@ class Run:
     targets: dict[str, str] = field(default_factory=dict)  # disk -> target node
     copied: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    #: seconds per phase, for the --json result (where a run's time goes)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.chain_dir = self.bdir.path / chain_dir_name(self.plan.chain_no)
@@ -243,11 +245,18 @@ class Run:
         }
         self.bdir.save_state()
         try:
-            await self._create_targets()
-            await self._start()
-            await self._follow()
-            await self._close_targets()
+            for phase, step in (
+                ("create", self._create_targets),
+                ("start", self._start),
+                ("copy", self._follow),
+                ("close", self._close_targets),
+            ):
+                t0 = time.monotonic()
+                await step()
+                self.timings[phase] = round(time.monotonic() - t0, 3)
+            t0 = time.monotonic()
             point = await self._record()
+            self.timings["hash+record"] = round(time.monotonic() - t0, 3)
         except BaseException as exc:
             why = _describe(exc)
             await self._clean_up(why)
@@ -549,8 +558,8 @@ async def backup(opts: BackupOptions, rep: Reporter) -> Point:
         recover(bdir, rep)
         mon = Monitor(opts.socket, opts.busy_timeout, rep.note)
         async with mon.session() as s:
-            disks = await inspect(s, opts.nodes)
-        await cleanup_leftovers(mon, bdir, rep)
+            disks, (jobs, targets) = await look(s, bdir, opts.nodes)
+        await cleanup_leftovers(mon, jobs, targets, rep)
         p = plan(bdir, disks, opts.level)
         if p.level == "full":
             rep.note(f"point {p.point}: full backup: {p.reason}")
@@ -558,5 +567,7 @@ async def backup(opts: BackupOptions, rep: Reporter) -> Point:
             assert p.chain is not None
             rep.note(f"point {p.point}: incremental backup on point {p.chain.points[-1].point}")
         rep.event("plan", point=p.point, level=p.level, reason=p.reason)
-        point = await Run(bdir, mon, opts, rep, p, disks).execute()
+        run = Run(bdir, mon, opts, rep, p, disks)
+        point = await run.execute()
+        rep.event("timings", **run.timings)
     return point

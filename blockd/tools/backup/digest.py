@@ -2,14 +2,15 @@
 
 As Proxmox Backup Server does for block images, a disk is a row of fixed-size chunks (here the
 layer's cluster size, 64 KiB, which is also the bitmap's granularity, so a dirty cluster is
-exactly one chunk) and the disk's digest at a point is the sha256 of the row of its chunk
-hashes. Each layer keeps the hashes of the chunks it holds in a ``.sums`` file beside it; the
-row for point N is the base layer's hashes overlaid with each incremental's up to N, unlisted
-chunks being zeroes. An incremental run therefore hashes only what it copied, reading its new
-layer once, and ``verify`` needs neither the live disk nor any layer but those of the chain.
+exactly one chunk) and the disk's digest at a point is the SHA-256 of the row of its chunk
+hashes (XXH3-128 each, see layers.py). Each layer keeps the hashes of the chunks it holds in
+a ``.sums`` file beside it; the row for point N is the base layer's hashes overlaid with each
+incremental's up to N, unlisted chunks being zeroes. An incremental run therefore hashes only
+what it copied, reading its new layer once, and ``verify`` needs neither the live disk nor any
+layer but those of the chain.
 
 A ``.sums`` file: magic, chunk size, flags (bit 0: base layer), disk size, count, the sorted
-chunk indexes (u64 little-endian), their hashes (32 bytes each), and the sha256 of all of that
+chunk indexes (u64 little-endian), their hashes (16 bytes each), and the SHA-256 of all that
 (so a damaged sums file is told apart from a damaged layer).
 """
 
@@ -26,7 +27,7 @@ from blockd.tools.backup.errors import ToolError
 from blockd.tools.backup.layers import HASH_SIZE, LayerMap, zero_hash
 from blockd.tools.backup.manifest import write_atomic
 
-MAGIC = b"BBSUMS\x00\x01"
+MAGIC = b"BBSUMS\x00\x02"
 _HEAD = struct.Struct("<8sIIQQ")
 FLAG_BASE = 1
 DIGEST_PREFIX = "sha256:"
@@ -119,10 +120,24 @@ def point_digest(layers: list[Sums]) -> str:
         if layer.chunk_size != cs or layer.size != size:
             raise ToolError("layers of one chain differ in size or chunk size")
         h = layer.hashes
-        for k, idx in enumerate(layer.indices):
-            row[idx * HASH_SIZE : (idx + 1) * HASH_SIZE] = h[k * HASH_SIZE : (k + 1) * HASH_SIZE]
+        # copy runs of consecutive chunks with one slice each (a full layer is a few runs)
+        for k0, k1, idx0 in _runs_of(layer.indices):
+            row[idx0 * HASH_SIZE : (idx0 + k1 - k0) * HASH_SIZE] = h[
+                k0 * HASH_SIZE : k1 * HASH_SIZE
+            ]
     head = struct.pack("<16sQQ", b"blockd-backup-v1", cs, size)
     return DIGEST_PREFIX + hashlib.sha256(head + row).hexdigest()
+
+
+def _runs_of(indices: array[int]) -> list[tuple[int, int, int]]:
+    """(first position, end position, first chunk index) of each run of consecutive indexes."""
+    out = []
+    start = 0
+    for k in range(1, len(indices) + 1):
+        if k == len(indices) or indices[k] != indices[k - 1] + 1:
+            out.append((start, k, indices[start]))
+            start = k
+    return out
 
 
 def merge(layers: list[Sums]) -> Sums:

@@ -6,8 +6,12 @@ compressed data with ``--compress``); every other cluster falls through to the b
 So the clusters a layer holds are the chunks of the disk that changed since the previous
 point, and hashing them is how a digest is updated without reading the disk again. The
 layer's file is read directly (header and L1/L2 tables parsed with blockd's qcow2 header code),
-data clusters in host order with large reads, hashed in threads: ``hashlib`` and ``os.pread``
-release the GIL, so two cores hash twice as fast.
+data clusters in host order with large reads into reused buffers, in threads (``os.preadv``
+and the hashing release the GIL). Chunks are hashed with XXH3-128: it detects any corruption
+(a flipped byte, a torn or truncated file) at tens of GiB/s, where SHA-256 manages 1.6 GiB/s
+here and would cost a nightly run more than the copy's own overhead; collision resistance
+against a forger would buy nothing anyway, since whoever can rewrite a layer can rewrite its
+sums. (The digest of a whole point is SHA-256; see digest.py.)
 
 Only what the tool itself creates is accepted: qcow2 v3, no encryption, no external data file,
 no extended L2 entries. Anything else, or a table entry pointing outside the file, is reported
@@ -16,14 +20,16 @@ as a damaged layer.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
+import threading
 from array import array
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import xxhash
 
 from blockd.block.drivers.qcow2.cluster import (
     COMPRESSED,
@@ -47,7 +53,7 @@ from blockd.tools.backup.errors import ToolError
 
 #: Largest single read of contiguous data clusters.
 READ_RUN = 8 * 1024 * 1024
-HASH_SIZE = 32
+HASH_SIZE = 16
 
 
 class LayerError(ToolError):
@@ -149,13 +155,18 @@ def _table(fd: int, offset: int, entries: int, file_size: int, path: Path) -> ar
     return t
 
 
+def chunk_hash(data: bytes | bytearray | memoryview) -> bytes:
+    """The hash of one chunk (XXH3-128, 16 bytes)."""
+    return xxhash.xxh3_128_digest(data)
+
+
 _ZERO_HASHES: dict[int, bytes] = {}
 
 
 def zero_hash(nbytes: int) -> bytes:
     h = _ZERO_HASHES.get(nbytes)
     if h is None:
-        h = _ZERO_HASHES[nbytes] = hashlib.sha256(bytes(nbytes)).digest()
+        h = _ZERO_HASHES[nbytes] = chunk_hash(bytes(nbytes))
     return h
 
 
@@ -173,26 +184,29 @@ def _runs(lm: LayerMap) -> Iterator[list[tuple[int, int]]]:
 
 
 def hash_chunks(lm: LayerMap, threads: int = 0) -> dict[int, bytes]:
-    """sha256 of each cluster the layer holds, by guest cluster index. A layer without a
+    """The hash of each cluster the layer holds, by guest cluster index. A layer without a
     backing file (a chain's base) lists only the chunks that are not all zeroes, since
     unlisted means zero there: that way a base stays comparable with itself after a merge
     wrote a zeroed range as deallocated instead of as a zero cluster."""
     cs = lm.cluster_size
     out: dict[int, bytes] = {idx: zero_hash(lm.chunk_len(idx)) for idx in lm.zero}
     fd = os.open(lm.path, os.O_RDONLY | os.O_CLOEXEC)
+    buffers = threading.local()
     try:
 
         def hash_run(run: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
-            data = memoryview(os.pread(fd, len(run) * cs, run[0][1]))
-            res = []
-            for k, (idx, _host) in enumerate(run):
-                n = lm.chunk_len(idx)
-                chunk = data[k * cs : k * cs + n]
-                if len(chunk) != n:
-                    # the file ends inside the cluster: the rest reads as zeroes, as QEMU does
-                    chunk = memoryview(bytes(chunk) + bytes(n - len(chunk)))
-                res.append((idx, hashlib.sha256(chunk).digest()))
-            return res
+            buf = getattr(buffers, "buf", None)
+            if buf is None:
+                buf = buffers.buf = bytearray(READ_RUN)
+            want = len(run) * cs
+            got = os.preadv(fd, [memoryview(buf)[:want]], run[0][1])
+            if got < want:  # the file ends inside the last cluster: the rest reads as zeroes
+                buf[got:want] = bytes(want - got)
+            data = memoryview(buf)
+            return [
+                (idx, chunk_hash(data[k * cs : k * cs + lm.chunk_len(idx)]))
+                for k, (idx, _host) in enumerate(run)
+            ]
 
         def hash_compressed(c: tuple[int, int, int]) -> list[tuple[int, bytes]]:
             idx, host, csize = c
@@ -200,7 +214,7 @@ def hash_chunks(lm: LayerMap, threads: int = 0) -> dict[int, bytes]:
                 data = decompress(lm.compression_type, os.pread(fd, csize, host), cs)
             except OSError as exc:
                 raise LayerError(f"layer {lm.path}: compressed cluster {idx}: {exc}") from None
-            return [(idx, hashlib.sha256(data[: lm.chunk_len(idx)]).digest())]
+            return [(idx, chunk_hash(data[: lm.chunk_len(idx)]))]
 
         workers = threads or min(4, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:

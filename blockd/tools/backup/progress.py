@@ -13,9 +13,10 @@ import json
 import os
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 MiB = 1024 * 1024
 
@@ -80,6 +81,8 @@ class BarReporter(Reporter):
             cols, rows = size.columns, size.lines
         except (OSError, ValueError):
             cols = rows = 0
+        from tqdm import tqdm  # only a terminal needs it (and its import time)
+
         bar = self.bars[disk] = tqdm(
             total=total,
             desc=disk.ljust(width),
@@ -105,7 +108,7 @@ class BarReporter(Reporter):
 
     def note(self, text: str) -> None:
         if self.bars:
-            tqdm.write(f"blockd-backup: {text}", file=self.err)
+            next(iter(self.bars.values())).write(f"blockd-backup: {text}", file=self.err)
         else:
             super().note(text)
 

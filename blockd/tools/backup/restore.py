@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 from array import array
 from pathlib import Path
 
 from blockd.tools.backup import digest, lock
 from blockd.tools.backup.errors import ToolError
-from blockd.tools.backup.layers import hash_chunks, read_map, zero_hash
+from blockd.tools.backup.layers import chunk_hash, hash_chunks, read_map, zero_hash
 from blockd.tools.backup.manifest import BackupDir, Chain, Point, fsync_dir, fsync_file
 from blockd.tools.backup.progress import Reporter, human
 from blockd.tools.backup.qemuimg import qemu_img
@@ -54,7 +53,7 @@ def raw_sums(path: Path, size: int, chunk: int) -> digest.Sums:
             for idx in range(first, last + 1):
                 if idx not in chunks:
                     n = min(chunk, size - idx * chunk)
-                    chunks[idx] = hashlib.sha256(os.pread(fd, n, idx * chunk)).digest()
+                    chunks[idx] = chunk_hash(os.pread(fd, n, idx * chunk))
             pos = end
     zero = {idx for idx, h in chunks.items() if h == zero_hash(min(chunk, size - idx * chunk))}
     order = sorted(set(chunks) - zero)
