@@ -172,18 +172,54 @@ class Lab:
             )
         return res
 
-    def backup(self, *extra: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.tool(
-            "backup",
-            "--socket",
-            self.sock,
-            "--node",
-            *self.disks,
-            "--dir",
-            self.dir,
-            *extra,
-            ok=ok,
+    def night(self, key: int, *extra: str | Path, write: bool = True) -> str:
+        """A night: random writes (unless *write* is false), a copy of the disks kept as
+        *key*, a backup run; its stdout."""
+        if write:
+            for name in self.disks:
+                self.write_random(name)
+        self.snapshot(key)
+        return self.backup(*extra).stdout
+
+    def assert_same(self, image: str | Path, copy: Path, fmt: str = "raw") -> None:
+        res = qemu_img("compare", "-f", fmt, "-F", "raw", image, copy, check=False)
+        assert res.returncode == 0, f"{image} differs from {copy}: {res.stdout}{res.stderr}"
+
+    def backup_args(self, *extra: str | Path) -> list[str]:
+        """``backup`` of every disk of the lab into its directory, with *extra*."""
+        args = ["backup", "--socket", str(self.sock), "--node", *self.disks, "--dir", str(self.dir)]
+        return args + [str(e) for e in extra]
+
+    def start_tool(
+        self, *args: str | Path, until: str
+    ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+        """blockd-backup *args* (which must include --json) as a process of its own, read up
+        to its first event of kind *until*; the process and that event."""
+        proc = subprocess.Popen(
+            [*TOOL, *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
         )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            ev: dict[str, Any] = json.loads(line)
+            if ev["event"] == until:
+                return proc, ev
+        proc.wait()
+        raise AssertionError(
+            f"no {until} event; stderr: {proc.stderr.read() if proc.stderr else ''}"
+        )
+
+    def files(self) -> list[str]:
+        """What the backup directory holds (lock files aside)."""
+        return sorted(
+            str(p.relative_to(self.dir)) for p in self.dir.rglob("*") if not p.name.startswith(".")
+        )
+
+    def backup(self, *extra: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.tool(*self.backup_args(*extra), ok=ok)
 
     def listing(self) -> dict[str, Any]:
         out: dict[str, Any] = json.loads(self.tool("list", self.dir, "--json").stdout)
@@ -207,8 +243,7 @@ class Lab:
         if disk:
             args += ["--node", disk]
         self.tool(*args)
-        res = qemu_img("compare", "-f", "raw", "-F", "raw", out, copy, check=False)
-        assert res.returncode == 0, f"point {point}: {res.stdout}{res.stderr}"
+        self.assert_same(out, copy)
         st = os.stat(out)
         copy_st = os.stat(copy)
         assert st.st_blocks * 512 <= copy_st.st_blocks * 512 + MiB, "restore is not thin"

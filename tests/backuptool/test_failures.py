@@ -14,14 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bblab import TOOL, Lab, MiB
-from support import ROOT, qemu_img, run
-
-
-def _files(lab: Lab) -> list[str]:
-    return sorted(
-        str(p.relative_to(lab.dir)) for p in lab.dir.rglob("*") if not p.name.startswith(".")
-    )
+from bblab import Lab, MiB
+from support import qemu_img, run
 
 
 def _full_reason(res: subprocess.CompletedProcess[str]) -> str:
@@ -33,43 +27,18 @@ def _full_reason(res: subprocess.CompletedProcess[str]) -> str:
 def test_daemon_killed_during_run_4(lab: Lab) -> None:
     lab.add_disk("disk0", 32 * MiB)
     for night in (1, 2, 3):
-        if night > 1:
-            lab.write_random("disk0")
-        lab.snapshot(night)
-        lab.backup()
-    before = _files(lab)
+        lab.night(night, write=night > 1)
+    before = lab.files()
     lab.write_random("disk0", count=6)
     # run 4, throttled so that it is still copying when the daemon dies
-    proc = subprocess.Popen(
-        [
-            *TOOL,
-            "backup",
-            "--socket",
-            str(lab.sock),
-            "--node",
-            "disk0",
-            "--dir",
-            str(lab.dir),
-            "--json",
-            "--speed",
-            "256K",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if json.loads(line)["event"] == "started":
-            break
+    proc, _ = lab.start_tool(*lab.backup_args("--json", "--speed", "256K"), until="started")
     lab.kill9()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err + out
     error = json.loads(out.splitlines()[-1])
     assert error["event"] == "error"
     assert "point 4 failed: the daemon went away" in error["message"], error
-    assert _files(lab) == before, "the failed run left files behind"
+    assert lab.files() == before, "the failed run left files behind"
 
     lab.start()  # the daemon comes back with the same disk image
     lab.write_random("disk0")
@@ -87,11 +56,8 @@ def test_bitmap_removed_then_disk_resized(lab: Lab) -> None:
     incremental is refused, saying why), point 4 incremental again; the disk grown between
     runs: point 5 full, point 6 incremental on the new size."""
     lab.add_disk("disk0", 16 * MiB)
-    lab.snapshot(1)
-    lab.backup()
-    lab.write_random("disk0")
-    lab.snapshot(2)
-    lab.backup()
+    lab.night(1, write=False)
+    lab.night(2)
     bitmap = lab.points()[2]["disks"]["disk0"]["bitmap"]
     lab.qmp("block-dirty-bitmap-remove", {"node": "disk0", "name": bitmap})
     lab.write_random("disk0")
@@ -103,21 +69,17 @@ def test_bitmap_removed_then_disk_resized(lab: Lab) -> None:
     )
     res = lab.backup()
     assert f"bitmap {bitmap} is missing on disk0" in _full_reason(res)
-    lab.write_random("disk0")
-    lab.snapshot(4)
-    assert "point 4 done: inc" in lab.backup().stdout
+    assert "point 4 done: inc" in lab.night(4)
 
     lab.detach("disk0")
     qemu_img("resize", "-q", "-f", "qcow2", lab.disks["disk0"], "24M")
     lab.attach("disk0")
-    lab.write_random("disk0")
     run("qemu-io", "-f", "raw", "-c", f"write -P 0x77 {20 * MiB} 64k", lab.uri("disk0"))
+    lab.write_random("disk0")
     lab.snapshot(5)
     res = lab.backup()
     assert "disk0 changed size (16.0 MiB -> 24.0 MiB)" in _full_reason(res)
-    lab.write_random("disk0")
-    lab.snapshot(6)
-    assert "point 6 done: inc" in lab.backup().stdout
+    assert "point 6 done: inc" in lab.night(6)
     for point in range(1, 7):
         lab.restore_equals(point, lab.copies[point]["disk0"])
     assert os.path.getsize(lab.tmp / "restore-4-d.raw") == 16 * MiB
@@ -142,13 +104,13 @@ def test_backup_disk_fills_up_during_a_run(lab: Lab, small_fs: Path) -> None:
     lab.add_disk("disk0", 32 * MiB, fill=4 * MiB)
     lab.snapshot(1)
     lab.backup()
-    before = _files(lab)
+    before = lab.files()
     # 16 MiB of new data cannot fit in the 8 MiB left
     run("qemu-io", "-f", "raw", "-c", f"write -P 0x33 {8 * MiB} {16 * MiB}", lab.uri("disk0"))
     failed = lab.backup(ok=False)
     assert failed.returncode == 1
     assert "point 2 failed: the backup of disk0 failed: No space left on device" in failed.stderr
-    assert _files(lab) == before, "the failed run left files behind"
+    assert lab.files() == before, "the failed run left files behind"
     lab.restore_equals(1, lab.copies[1]["disk0"])
     lab.tool("verify", lab.dir)
 
@@ -156,9 +118,7 @@ def test_backup_disk_fills_up_during_a_run(lab: Lab, small_fs: Path) -> None:
     lab.snapshot(2)
     res = lab.backup()
     assert "previous run failed (the backup of disk0 failed: No space left" in _full_reason(res)
-    lab.write_random("disk0")
-    lab.snapshot(3)
-    assert "point 3 done: inc" in lab.backup().stdout
+    assert "point 3 done: inc" in lab.night(3)
     for point in (1, 2, 3):
         lab.restore_equals(point, lab.copies[point]["disk0"])
     lab.tool("verify", lab.dir)

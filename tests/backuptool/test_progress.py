@@ -17,20 +17,7 @@ from support import ROOT, run
 def test_bar_under_a_pty(lab: Lab) -> None:
     lab.add_disk("disk0", 16 * MiB, fill=8 * MiB)
     typescript = lab.tmp / "typescript"
-    cmd = shlex.join(
-        [
-            *TOOL,
-            "backup",
-            "--socket",
-            str(lab.sock),
-            "--node",
-            "disk0",
-            "--dir",
-            str(lab.dir),
-            "--speed",
-            "12M",
-        ]
-    )
+    cmd = shlex.join([*TOOL, *lab.backup_args("--speed", "12M")])
     run(
         "script",
         "-q",

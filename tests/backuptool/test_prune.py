@@ -29,10 +29,7 @@ STEPS = [
 def _six_points(lab: Lab) -> None:
     lab.add_disk("disk0", 16 * MiB)
     for night in range(1, 7):
-        if night > 1:
-            lab.write_random("disk0", count=8)
-        lab.snapshot(night)
-        lab.backup(*(["--level", "full"] if night == 4 else []))
+        lab.night(night, *(["--level", "full"] if night == 4 else []), write=night > 1)
 
 
 def _kept_points_restore(lab: Lab, kept: list[int]) -> None:
@@ -53,9 +50,7 @@ def test_prune_keeps_numbers_and_content(lab: Lab) -> None:
     _kept_points_restore(lab, [5, 6])
     lab.tool("verify", lab.dir)
     # the chain goes on: the next incremental builds on point 6, numbering continues
-    lab.write_random("disk0")
-    lab.snapshot(7)
-    assert "point 7 done: inc" in lab.backup().stdout
+    assert "point 7 done: inc" in lab.night(7)
     _kept_points_restore(lab, [5, 6, 7])
     assert "nothing to prune" in lab.tool("prune", lab.dir, "--keep", "3").stdout
 
@@ -89,9 +84,7 @@ def test_interrupted_prune(lab: Lab) -> None:
             assert "was interrupted; run 'blockd-backup prune" in refused.stderr
         if step == STEPS[-1]:
             # backups go on meanwhile
-            lab.write_random("disk0")
-            lab.snapshot(7)
-            lab.backup()
+            lab.night(7)
         final = [5, 6, 7] if step == STEPS[-1] else [5, 6]
         res = lab.tool("prune", lab.dir, "--keep", str(len(final)))
         if step == "prune-sums-written":

@@ -18,38 +18,10 @@ from diffsupport import Session
 from support import ROOT
 
 
-def _files(lab: Lab) -> list[str]:
-    return sorted(
-        str(p.relative_to(lab.dir)) for p in lab.dir.rglob("*") if not p.name.startswith(".")
-    )
-
-
 def _throttled(lab: Lab) -> subprocess.Popen[str]:
     """A run that is still copying when the test acts on it."""
-    proc = subprocess.Popen(
-        [
-            *TOOL,
-            "backup",
-            "--socket",
-            str(lab.sock),
-            "--node",
-            *lab.disks,
-            "--dir",
-            str(lab.dir),
-            "--json",
-            "--speed",
-            "128K",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if json.loads(line)["event"] == "started":
-            return proc
-    raise AssertionError(f"the run did not start: {proc.stderr.read() if proc.stderr else ''}")
+    proc, _ = lab.start_tool(*lab.backup_args("--json", "--speed", "128K"), until="started")
+    return proc
 
 
 def _ours_in_daemon(lab: Lab) -> list[str]:
@@ -63,7 +35,7 @@ def test_interrupted_and_killed_runs(lab: Lab) -> None:
     lab.add_disk("disk0", 16 * MiB, fill=4 * MiB)
     lab.snapshot(1)
     lab.backup()
-    before = _files(lab)
+    before = lab.files()
     lab.write_random("disk0")
 
     proc = _throttled(lab)
@@ -76,13 +48,13 @@ def test_interrupted_and_killed_runs(lab: Lab) -> None:
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "point 2 interrupted; the partial backup was removed" in out  # a JSON note
-    assert _files(lab) == before
+    assert lab.files() == before
     assert _ours_in_daemon(lab) == []
 
     proc = _throttled(lab)
     proc.kill()  # the tool dies with its job running in the daemon and its files half written
     proc.wait()
-    assert _ours_in_daemon(lab) != [] and _files(lab) != before
+    assert _ours_in_daemon(lab) != [] and lab.files() != before
     lab.snapshot(2)
     res = lab.backup()
     assert "the run for point 2 was interrupted; removing its partial files" in res.stderr

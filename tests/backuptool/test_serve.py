@@ -5,41 +5,18 @@ tool is interrupted. Then ``restore`` refuses to overwrite a file and writes qco
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
 
-from bblab import TOOL, Lab, MiB
-from support import ROOT, qemu_img, qemu_io
+from bblab import Lab, MiB
+from support import qemu_img, qemu_io
 
 
 def _serve(lab: Lab, point: int, nbd: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            *TOOL,
-            "serve",
-            str(lab.dir),
-            "--point",
-            str(point),
-            "--socket",
-            str(lab.sock),
-            "--nbd",
-            nbd,
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        ev = json.loads(line)
-        if ev["event"] == "result":
-            return proc, ev["uri"]
-        assert ev["event"] == "note", ev
-    raise AssertionError(f"serve printed no URI: {proc.stderr.read() if proc.stderr else ''}")
+    args = ["serve", lab.dir, "--point", str(point), "--socket", lab.sock, "--nbd", nbd, "--json"]
+    proc, ev = lab.start_tool(*args, until="result")
+    return proc, str(ev["uri"])
 
 
 def _stop(proc: subprocess.Popen[str]) -> str:
@@ -57,27 +34,17 @@ def _ours(lab: Lab) -> list[str]:
 
 def test_serve_a_point(lab: Lab) -> None:
     lab.add_disk("disk0", 16 * MiB)
-    lab.snapshot(1)
-    lab.backup()
-    lab.write_random("disk0")
-    lab.snapshot(2)
-    lab.backup()
+    lab.night(1, write=False)
+    lab.night(2)
 
     # on the NBD server the daemon runs already
     proc, uri = _serve(lab, 1, str(lab.nbd))
     assert uri == f"nbd+unix:///disk0-p1?socket={lab.nbd}"
     try:
-        res = qemu_img(
-            "compare", "-f", "raw", "-F", "raw", uri, lab.copies[1]["disk0"], check=False
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
+        lab.assert_same(uri, lab.copies[1]["disk0"])
         denied = qemu_io("-f", "raw", "-c", "write -P 9 0 4k", uri, check=False)
         assert "Could not open image: Permission denied" in denied.stderr, denied.stderr
-        # read-only for real: the backup is unchanged
-        res = qemu_img(
-            "compare", "-f", "raw", "-F", "raw", uri, lab.copies[1]["disk0"], check=False
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
+        lab.assert_same(uri, lab.copies[1]["disk0"])  # read-only for real: unchanged
     finally:
         _stop(proc)
     assert _ours(lab) == []
@@ -87,10 +54,7 @@ def test_serve_a_point(lab: Lab) -> None:
     own = str(lab.tmp / "serve.sock")
     proc, uri = _serve(lab, 2, own)
     try:
-        res = qemu_img(
-            "compare", "-f", "raw", "-F", "raw", uri, lab.copies[2]["disk0"], check=False
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
+        lab.assert_same(uri, lab.copies[2]["disk0"])
     finally:
         _stop(proc)
     assert _ours(lab) == []
