@@ -14,11 +14,11 @@ import pytest
 from bblab import Lab, MiB, flip_byte
 
 
-def _week(lab: Lab, nights: int) -> None:
-    lab.add_disk("disk0", 32 * MiB)
+def _week(lab: Lab, nights: int, size: int = 32 * MiB, writes: int = 12) -> None:
+    lab.add_disk("disk0", size)
     for night in range(1, nights + 1):
         if night > 1:
-            lab.write_random("disk0")
+            lab.write_random("disk0", count=writes)
         lab.snapshot(night)
         res = lab.backup("--json")
         events = [json.loads(line) for line in res.stdout.splitlines()]
@@ -59,5 +59,4 @@ def test_week(lab: Lab) -> None:
 
 @pytest.mark.slow
 def test_two_weeks_bigger_disk(lab: Lab) -> None:
-    lab.disks.clear()
-    _week(lab, 14)
+    _week(lab, 14, size=256 * MiB, writes=60)
