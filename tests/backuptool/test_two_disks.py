@@ -103,7 +103,7 @@ def _check_point(lab: Lab, point: int, before: int, after: int) -> None:
 
 def test_two_disks_one_point_in_time(lab: Lab) -> None:
     for name in ("diskA", "diskB"):
-        lab.add_disk(name, 16 * MiB, fill=4 * MiB)
+        lab.add_disk(name, 8 * MiB, fill=4 * MiB)
     before, after = _run_with_writer(lab, 0)
     _check_point(lab, 1, before, after)
     before, after = _run_with_writer(lab, after)

@@ -7,10 +7,14 @@ through its chain at every moment (a cluster is taken from the layers above BASE
 hold it, and BASE only changes where they do), and running the merge again writes the same
 data again.
 
-When blockd's ``block-commit`` job lands, a ``DaemonCommit`` merger (open the chain read-write
-in the daemon, ``block-commit`` with ``top-node``/``base-node``, follow the job as a backup run
-does) can replace :class:`QemuImgCommit` here without touching prune.py: it has the same
-contract, and the daemon could then merge while it keeps serving.
+When blockd's ``block-commit`` job lands, a ``DaemonCommit`` merger can replace
+:class:`QemuImgCommit` here without touching prune.py, under the same contract: open the
+chain's newest layer in the daemon (its backing files come with it), ``block-commit`` with
+``top-node`` = *top* and ``base-node`` = *base* (an intermediate commit, which completes by
+itself; when *top* is the open layer itself it is an active commit, which needs
+``job-complete`` at READY), follow the job by polling ``query-jobs`` as a backup run does,
+then ``blockdev-del``. ``rebase`` stays a header edit (``qemu-img rebase -u``) on a closed
+file. The daemon could then merge while it keeps serving other points.
 """
 
 from __future__ import annotations
