@@ -552,6 +552,7 @@ def recover(bdir: BackupDir, rep: Reporter) -> None:
 
 
 async def backup(opts: BackupOptions, rep: Reporter) -> Point:
+    t0 = time.monotonic()
     bdir = BackupDir.open(opts.dir, create=True)
     with lock.writer(bdir.path):
         bdir = BackupDir.open(opts.dir)
@@ -568,6 +569,7 @@ async def backup(opts: BackupOptions, rep: Reporter) -> Point:
             rep.note(f"point {p.point}: incremental backup on point {p.chain.points[-1].point}")
         rep.event("plan", point=p.point, level=p.level, reason=p.reason)
         run = Run(bdir, mon, opts, rep, p, disks)
+        prepare = round(time.monotonic() - t0, 3)
         point = await run.execute()
-        rep.event("timings", **run.timings)
+        rep.event("timings", prepare=prepare, **run.timings)
     return point
