@@ -130,7 +130,8 @@ def tool_backup(sock: Path, backups: Path) -> tuple[float, float, str]:
     events = [json.loads(line) for line in res.stdout.splitlines()]
     timings = next(e for e in events if e["event"] == "timings")
     result = next(e for e in events if e["event"] == "result")
-    return took, float(timings["copy"]), str(result["message"])
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if k != "event")
+    return took, float(timings["copy"]), f"{result['message']}; {phases}"
 
 
 def added(row: dict[str, float]) -> float:

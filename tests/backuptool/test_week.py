@@ -12,6 +12,7 @@ import json
 
 import pytest
 from bblab import Lab, MiB, flip_byte
+from support import run
 
 
 def _week(lab: Lab, nights: int, size: int = 32 * MiB, writes: int = 12) -> None:
@@ -63,3 +64,16 @@ def test_week(lab: Lab) -> None:
 @pytest.mark.slow
 def test_two_weeks_bigger_disk(lab: Lab) -> None:
     _week(lab, 14, size=256 * MiB, writes=60)
+
+
+def test_compressed_layers(lab: Lab) -> None:
+    """--compress: the layers hold compressed clusters, which the hashing decompresses."""
+    lab.add_disk("disk0", 8 * MiB)
+    lab.night(1, "--compress", write=False)
+    assert "point 2 done: inc" in lab.night(2, "--compress")
+    layer = lab.dir / "chain-0001" / "disk0.0001.qcow2"
+    info = json.loads(run("qemu-img", "check", "--output=json", layer).stdout)
+    assert info["compressed-clusters"] > 0, info
+    for point in (1, 2):
+        lab.restore_equals(point, lab.copies[point]["disk0"])
+    lab.tool("verify", lab.dir)
