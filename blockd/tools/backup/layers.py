@@ -5,7 +5,9 @@ A backup job writes exactly the clusters it copies into the layer (data, zero cl
 compressed data with ``--compress``); every other cluster falls through to the backing file.
 So the clusters a layer holds are the chunks of the disk that changed since the previous
 point, and hashing them is how a digest is updated without reading the disk again. The
-layer's file is read directly (header and L1/L2 tables parsed with blockd's qcow2 header code),
+layer's file is read directly: header and L1/L2 tables parsed here, with only what a layer the
+tool wrote can hold (importing blockd's qcow2 driver for its parser would load the daemon's
+block layer, bitarray and zstandard into every run, a second of start-up on a busy machine),
 data clusters in host order, a run of contiguous clusters at a time mapped from the page
 cache, in threads (the hashing releases the GIL). Chunks are hashed with XXH3-128: it detects
 any corruption (a flipped byte, a torn or truncated file) at tens of GiB/s, where SHA-256
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 import sys
+import zlib
 from array import array
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,24 +35,6 @@ from pathlib import Path
 
 import xxhash
 
-from blockd.block.drivers.qcow2.cluster import (
-    COMPRESSED,
-    NORMAL,
-    UNALLOCATED,
-    ZERO_ALLOC,
-    ZERO_PLAIN,
-    cluster_type,
-)
-from blockd.block.drivers.qcow2.compress import CompressedLayout, decompress
-from blockd.block.drivers.qcow2.header import (
-    INCOMPAT_DATA_FILE,
-    INCOMPAT_EXTL2,
-    L1E_OFFSET_MASK,
-    L2E_OFFSET_MASK,
-    parse_header,
-    peek_cluster_bits,
-)
-from blockd.errors import QmpError
 from blockd.tools.backup.errors import ToolError
 
 #: Largest single read (mapping) of contiguous data clusters.
@@ -88,33 +74,48 @@ def read_map(path: Path) -> LayerMap:
         raise LayerError(f"cannot open layer {path}: {exc.strerror}") from None
     try:
         return _read_map(fd, path)
-    except QmpError as exc:
-        raise LayerError(f"layer {path} is damaged: {exc.desc}") from None
     except OSError as exc:
         raise LayerError(f"cannot read layer {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
 
 
+# docs/interop/qcow2.txt: the fields of a version 3 header the reader needs
+_HEADER = struct.Struct(">IIQIIQIIQ")  # magic .. l1_table_offset (48 bytes)
+_V3 = struct.Struct(">QQQII")  # incompatible, compatible, autoclear, refcount order, length
+MAGIC = 0x514649FB
+#: Incompatible features a layer may have: the dirty bit (bit 0, lazy refcounts) and the
+#: compression type (bit 3). Corrupt, external data file and extended L2 are refused.
+INCOMPAT_READABLE = 1 | 8
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1
+
+
 def _read_map(fd: int, path: Path) -> LayerMap:
     file_size = os.fstat(fd).st_size
-    head = os.pread(fd, 1 << 21, 0)
-    bits = peek_cluster_bits(head)
-    hdr = parse_header(head[: 1 << bits])
-    if (
-        hdr.version < 3
-        or hdr.crypt_method
-        or hdr.incompatible_features & (INCOMPAT_DATA_FILE | INCOMPAT_EXTL2)
-    ):
+    head = os.pread(fd, 4096, 0)
+    if len(head) < 104:
+        raise LayerError(f"layer {path} is damaged: no qcow2 header")
+    magic, version, bf_off, bf_size, bits, size, crypt, l1_size, l1_off = _HEADER.unpack_from(head)
+    incompat, _compat, _autoclear, _order, hdr_len = _V3.unpack_from(head, 72)
+    if magic != MAGIC or version != 3 or not 9 <= bits <= 21:
+        raise LayerError(f"layer {path} is damaged: not a qcow2 v3 header")
+    if crypt or incompat & ~INCOMPAT_READABLE:
         raise LayerError(f"layer {path} uses qcow2 features blockd-backup does not write")
-    cs = hdr.cluster_size
-    lm = LayerMap(path, hdr.size, cs, hdr.backing_file, hdr.compression_type, file_size)
+    ctype = head[104] if hdr_len > 104 else 0
+    backing = None
+    if bf_off:
+        backing = os.pread(fd, bf_size, bf_off).decode("utf-8", "surrogateescape")
+    cs = 1 << bits
+    lm = LayerMap(path, size, cs, backing, ctype, file_size)
     per_l2 = cs // 8
-    nclusters = -(-hdr.size // cs)
-    comp = CompressedLayout(hdr.cluster_bits)
-    l1 = _table(fd, hdr.l1_table_offset, hdr.l1_size, file_size, path)
-    for i, l1e in enumerate(l1):
-        l2_off = l1e & L1E_OFFSET_MASK
+    nclusters = -(-size // cs)
+    # a compressed cluster's descriptor: host offset below bit x, extra sectors above it
+    x = 62 - (bits - 8)
+    coff_mask, csec_mask = (1 << x) - 1, (1 << (bits - 8)) - 1
+    for i, l1e in enumerate(_table(fd, l1_off, l1_size, file_size, path)):
+        l2_off = l1e & OFFSET_MASK
         if not l2_off:
             continue
         if l2_off % cs or l2_off + cs > file_size:
@@ -126,22 +127,36 @@ def _read_map(fd: int, path: Path) -> LayerMap:
             idx = base + j
             if idx >= nclusters:
                 break
-            kind = cluster_type(e)
-            if kind == NORMAL:
-                host = e & L2E_OFFSET_MASK
-                if host % cs or host >= file_size:
-                    raise LayerError(f"layer {path} is damaged: cluster {idx} at {host:#x}")
-                lm.normal.append((idx, host))
-            elif kind == COMPRESSED:
-                host, csize, _ = comp.parse(e)
+            if e & OFLAG_COMPRESSED:
+                host = e & coff_mask
+                csize = (((e >> x) & csec_mask) + 1) * 512 - (host & 511)
                 if host >= file_size:  # (its last sector may end past EOF: QEMU pads)
                     raise LayerError(f"layer {path} is damaged: compressed cluster {idx}")
                 lm.compressed.append((idx, host, csize))
-            elif kind in (ZERO_PLAIN, ZERO_ALLOC):
+            elif e & OFLAG_ZERO:
                 lm.zero.append(idx)
-            elif kind != UNALLOCATED:  # pragma: no cover - cluster_type is exhaustive
-                raise LayerError(f"layer {path}: unknown cluster type {kind}")
+            elif e & OFFSET_MASK:
+                host = e & OFFSET_MASK
+                if host % cs or host >= file_size:
+                    raise LayerError(f"layer {path} is damaged: cluster {idx} at {host:#x}")
+                lm.normal.append((idx, host))
     return lm
+
+
+def decompress(ctype: int, data: bytes, out_len: int) -> bytes:
+    """A compressed cluster's *out_len* bytes (zlib is raw deflate; zstd as QEMU stores it)."""
+    try:
+        if ctype == 1:
+            import zstandard  # only for zstd images, which the tool itself never writes
+
+            out: bytes = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        else:
+            out = zlib.decompressobj(-15).decompress(data, out_len)
+    except Exception as exc:  # zlib.error, zstandard.ZstdError
+        raise OSError(f"bad compressed data ({exc})") from None
+    if len(out) < out_len:
+        raise OSError("compressed data too short")
+    return out[:out_len]
 
 
 def _table(fd: int, offset: int, entries: int, file_size: int, path: Path) -> array[int]:
