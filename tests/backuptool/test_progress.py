@@ -15,9 +15,9 @@ from support import ROOT, run
 
 
 def test_bar_under_a_pty(lab: Lab) -> None:
-    lab.add_disk("disk0", 16 * MiB, fill=8 * MiB)
+    lab.add_disk("disk0", 8 * MiB, fill=8 * MiB)
     typescript = lab.tmp / "typescript"
-    cmd = shlex.join([*TOOL, *lab.backup_args("--speed", "12M")])
+    cmd = shlex.join([*TOOL, *lab.backup_args("--speed", "4M")])
     run(
         "script",
         "-q",
@@ -33,5 +33,5 @@ def test_bar_under_a_pty(lab: Lab) -> None:
     assert len(set(pcts)) >= 3, f"the bar did not advance: {frames}"
     assert pcts == sorted(pcts), pcts
     assert pcts[-1] == 100, frames[-3:]
-    assert re.search(r"\| 16\.0M/16\.0M \[", frames[-1]), frames[-1]
+    assert re.search(r"\| 8\.00M/8\.00M \[", frames[-1]), frames[-1]
     assert "point 1 done: full" in screen
