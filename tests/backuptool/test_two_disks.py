@@ -73,7 +73,7 @@ def _run_with_writer(lab: Lab, start_at: int) -> tuple[int, int]:
     writer = Writer(lab, start_at)
     writer.start()
     try:
-        while writer.i < start_at + 20 and writer.is_alive():  # the writer is going
+        while writer.i < start_at + SLOTS + 20 and writer.is_alive():  # every slot written
             threading.Event().wait(0.01)
         before = writer.i
         lab.backup("--speed", "4M")
