@@ -1,0 +1,1 @@
+"""Command-line tools that drive a daemon (blockd or qemu-storage-daemon) over QMP."""

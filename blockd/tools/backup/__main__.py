@@ -1,0 +1,5 @@
+import sys
+
+from blockd.tools.backup.cli import main
+
+sys.exit(main())
