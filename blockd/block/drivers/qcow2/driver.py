@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockd.bitmap.dirty import bitmaps_of
 from blockd.block.driver import BlockDriver, WriteFlags, register_driver
+from blockd.block.drivers.metacache import read_zero_padded
 from blockd.block.drivers.qcow2 import compress
 from blockd.block.drivers.qcow2.bitmaps import BitmapStore
 from blockd.block.drivers.qcow2.cluster import (
@@ -184,7 +185,7 @@ class Qcow2Driver(BlockDriver):
         1 GiB) fails as QEMU's request check fails it, instead of reading as zeroes."""
         if offset + nbytes > _MAX_FILE_END:
             raise OSError(errno.EIO, f"qcow2: read at {offset:#x} beyond the largest file offset")
-        return await _read_zero_padded(self.file, offset, nbytes)
+        return await read_zero_padded(self.file, offset, nbytes)
 
     async def _write_file(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags = WriteFlags.NONE
@@ -662,7 +663,7 @@ class Qcow2Driver(BlockDriver):
         back = self.node.backing
         if back is None:
             return bytes(nbytes)
-        return await _read_zero_padded(back, offset, nbytes)
+        return await read_zero_padded(back, offset, nbytes)
 
     async def _read_compressed(self, entry: int) -> bytes:
         cached = self._dcache
@@ -1335,16 +1336,3 @@ def _merge_clusters(frees: list[tuple[int, int]], cluster_bits: int) -> list[tup
         else:
             out.append((first, count))
     return out
-
-
-async def _read_zero_padded(
-    node: BlockNode, offset: int, nbytes: int
-) -> bytes | bytearray | memoryview:
-    """Read from *node*; bytes past its end read as zeroes."""
-    length = node.length
-    if offset >= length:
-        return bytes(nbytes)
-    if offset + nbytes <= length:
-        return await node.read(offset, nbytes)
-    head = await node.read(offset, length - offset)
-    return bytes(head) + bytes(nbytes - (length - offset))
