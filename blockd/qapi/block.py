@@ -21,6 +21,7 @@ class BlockdevDriver(QapiEnum):
     NULL_CO = "null-co"
     QCOW2 = "qcow2"
     RAW = "raw"
+    VMDK = "vmdk"
 
 
 class BlockdevDiscardOptions(QapiEnum):
@@ -303,6 +304,14 @@ class BlockdevOptionsNbd(BlockdevOptionsBase):
     open_timeout: UInt32 | None = None
 
 
+class BlockdevOptionsVmdk(BlockdevOptionsBase):
+    """QEMU's BlockdevOptionsGenericCOWFormat, which its vmdk branch uses."""
+
+    driver: Literal[BlockdevDriver.VMDK]
+    file: BlockdevRef
+    backing: BlockdevRefOrNull | None = None
+
+
 if TYPE_CHECKING:
     BlockdevOptions: TypeAlias = (
         BlockdevOptionsBlkdebug
@@ -311,6 +320,7 @@ if TYPE_CHECKING:
         | BlockdevOptionsNull
         | BlockdevOptionsQcow2
         | BlockdevOptionsRaw
+        | BlockdevOptionsVmdk
     )
     BlockdevRef: TypeAlias = BlockdevOptions | str
     BlockdevRefOrNull: TypeAlias = BlockdevOptions | str | None
@@ -325,6 +335,7 @@ else:
             "null-co": BlockdevOptionsNull,
             "qcow2": BlockdevOptionsQcow2,
             "raw": BlockdevOptionsRaw,
+            "vmdk": BlockdevOptionsVmdk,
         },
     )
     BlockdevRef = alternate("BlockdevRef", {"object": BlockdevOptions, "string": str})
@@ -332,7 +343,7 @@ else:
         "BlockdevRefOrNull", {"object": BlockdevOptions, "string": str, "null": None}
     )
 
-for _m in (BlockdevOptionsRaw, BlockdevOptionsBlkdebug, BlockdevOptionsQcow2):
+for _m in (BlockdevOptionsRaw, BlockdevOptionsBlkdebug, BlockdevOptionsQcow2, BlockdevOptionsVmdk):
     _m.model_rebuild()
 
 
@@ -377,6 +388,34 @@ class BlockdevCreateOptionsQcow2(BlockdevCreateOptionsBase):
     compression_type: Qcow2CompressionType | None = None
 
 
+class BlockdevVmdkSubformat(QapiEnum):
+    MONOLITHIC_SPARSE = "monolithicSparse"
+    MONOLITHIC_FLAT = "monolithicFlat"
+    TWO_GB_MAX_EXTENT_SPARSE = "twoGbMaxExtentSparse"
+    TWO_GB_MAX_EXTENT_FLAT = "twoGbMaxExtentFlat"
+    STREAM_OPTIMIZED = "streamOptimized"
+
+
+class BlockdevVmdkAdapterType(QapiEnum):
+    IDE = "ide"
+    BUSLOGIC = "buslogic"
+    LSILOGIC = "lsilogic"
+    LEGACY_ESX = "legacyESX"
+
+
+class BlockdevCreateOptionsVmdk(BlockdevCreateOptionsBase):
+    driver: Literal[BlockdevDriver.VMDK]
+    file: BlockdevRef
+    size: Size
+    extents: list[BlockdevRef] | None = None
+    subformat: BlockdevVmdkSubformat | None = None
+    backing_file: str | None = None
+    adapter_type: BlockdevVmdkAdapterType | None = None
+    hwversion: str | None = None
+    toolsversion: str | None = None
+    zeroed_grain: bool | None = None
+
+
 def _no_create_branch(value: str) -> type[BlockdevCreateOptionsBase]:
     # Drivers without create options still parse ("Driver does not support blockdev-create"
     # comes later), as in QEMU where the union has an empty branch for them.
@@ -387,21 +426,18 @@ def _no_create_branch(value: str) -> type[BlockdevCreateOptionsBase]:
     )
 
 
+_CREATE_BRANCHES: dict[BlockdevDriver, type[BlockdevCreateOptionsBase]] = {
+    BlockdevDriver.FILE: BlockdevCreateOptionsFile,
+    BlockdevDriver.QCOW2: BlockdevCreateOptionsQcow2,
+    BlockdevDriver.VMDK: BlockdevCreateOptionsVmdk,
+}
 BlockdevCreateOptions = flat_union(
     "BlockdevCreateOptions",
     "driver",
-    {
-        d.value: (
-            BlockdevCreateOptionsFile
-            if d is BlockdevDriver.FILE
-            else BlockdevCreateOptionsQcow2
-            if d is BlockdevDriver.QCOW2
-            else _no_create_branch(d.value)
-        )
-        for d in BlockdevDriver
-    },
+    {d.value: _CREATE_BRANCHES.get(d) or _no_create_branch(d.value) for d in BlockdevDriver},
 )
 BlockdevCreateOptionsQcow2.model_rebuild()
+BlockdevCreateOptionsVmdk.model_rebuild()
 
 
 # -- replies ---------------------------------------------------------------------------------

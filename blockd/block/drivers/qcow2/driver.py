@@ -66,7 +66,7 @@ from blockd.block.drivers.qcow2.header import (
 )
 from blockd.block.drivers.qcow2.refcount import RefcountManager
 from blockd.block.perm import ChildRole
-from blockd.block.probe import chain_key, opening_chain, probe_format, sibling
+from blockd.block.probe import full_name, open_backing
 from blockd.block.status import BlockStatus, Extent
 from blockd.errors import QmpError
 from blockd.io.pool import run_blocking
@@ -331,45 +331,12 @@ class Qcow2Driver(BlockDriver):
             )
 
     async def _open_backing(self, options: Any, graph: BlockGraph) -> None:
-        if self.backing_file_name and self.file is not None:
-            try:
-                self.full_backing_file_name = sibling(self.file, self.backing_file_name)[0]
-            except QmpError:
-                self.full_backing_file_name = None
-        if "backing" in options.model_fields_set:
-            ref = options.backing
-            if ref is None:
-                # QEMU then forgets the header's name for the node (not for the image info).
-                self._backing_null = True
-                return
-            try:
-                await graph.open_child(
-                    self.node, ref, "backing", ChildRole.backing(), inherit_read_only=True
-                )
-            except QmpError as exc:
-                raise QmpError(f"Could not open backing file: {exc.desc}") from None
-            return
-        name = self.backing_file_name
-        if not name or self.file is None:
-            return
-        full, file_opts = sibling(self.file, name)
-        from blockd.qapi.base import ArgsValidator
-        from blockd.qapi.block import BlockdevOptions
-
-        with opening_chain(chain_key(self.file), full):
-            fmt = self.backing_format or await probe_format(graph, file_opts)
-            try:
-                try:
-                    opts = ArgsValidator(BlockdevOptions).validate(
-                        {"driver": fmt, "file": file_opts}
-                    )
-                except QmpError:
-                    raise QmpError(f"Unknown driver '{fmt}'") from None
-                await graph.open_child(
-                    self.node, opts, "backing", ChildRole.backing(), inherit_read_only=True
-                )
-            except QmpError as exc:
-                raise QmpError(f"Could not open backing file: {exc.desc}") from None
+        self.full_backing_file_name = full_name(self.file, self.backing_file_name)
+        # With backing: null QEMU forgets the header's name for the node (not for the image
+        # info).
+        self._backing_null = await open_backing(
+            self.node, graph, options, self.backing_file_name, self.backing_format
+        )
 
     @property
     def backing_disabled(self) -> bool:
