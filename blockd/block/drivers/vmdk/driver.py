@@ -233,13 +233,15 @@ class VmdkDriver(BlockDriver):
         i = bisect.bisect_right(self._ends, offset)
         return self.extents[i] if i < len(self.extents) else None
 
-    async def runs(self, offset: int, end: int) -> tuple[Extent, list[Run]]:
+    async def runs(
+        self, offset: int, end: int, first_only: bool = False
+    ) -> tuple[Extent, list[Run]]:
         """The extent of *offset* and the runs of [offset, end) as far as one table goes."""
         ext = self.find(offset)
         if ext is None:
             raise OSError(errno.EIO, f"vmdk: no extent at {offset:#x}")
         async with self.lock:
-            return ext, await ext.map(offset, min(end, ext.end))
+            return ext, await ext.map(offset, min(end, ext.end), first_only)
 
     async def cid_valid(self) -> bool:
         """Whether the parent is the image this delta was taken from (QEMU's
@@ -317,7 +319,7 @@ class VmdkDriver(BlockDriver):
 
     # -- status ----------------------------------------------------------------------------
     async def block_status(self, offset: int, nbytes: int) -> Status:
-        ext, runs = await self.runs(offset, offset + nbytes)
+        ext, runs = await self.runs(offset, offset + nbytes, first_only=True)
         run = runs[0]
         if run.kind == ERROR:
             raise OSError(errno.EIO, f"vmdk: corrupt grain tables at {offset:#x}")

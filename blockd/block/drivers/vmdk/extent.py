@@ -81,9 +81,9 @@ class Extent:
     def cluster_size(self) -> int:
         return self.sectors * SECTOR
 
-    async def map(self, offset: int, end: int) -> list[Run]:
+    async def map(self, offset: int, end: int, first_only: bool = False) -> list[Run]:
         """Runs covering [offset, end) from *offset* on, as far as one table reaches (at
-        least one run); *end* lies within this extent."""
+        least one run; only the first with *first_only*); *end* lies within this extent."""
         raise NotImplementedError
 
     def info(self) -> dict[str, object]:
@@ -111,7 +111,7 @@ class FlatExtent(Extent):
         # request then fails the file node's bounds check.
         self.data_offset = to_int64(flat_sector << 9)
 
-    async def map(self, offset: int, end: int) -> list[Run]:
+    async def map(self, offset: int, end: int, first_only: bool = False) -> list[Run]:
         return [Run(DATA, offset, end - offset, self.data_offset + offset - self.start)]
 
 
@@ -123,5 +123,5 @@ class ZeroExtent(Extent):
     def __init__(self, sectors: int) -> None:
         super().__init__("ZERO", None, sectors)
 
-    async def map(self, offset: int, end: int) -> list[Run]:
+    async def map(self, offset: int, end: int, first_only: bool = False) -> list[Run]:
         return [Run(ZEROED, offset, end - offset)]

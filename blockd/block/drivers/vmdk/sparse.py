@@ -232,10 +232,9 @@ class SparseExtent(Extent):
     async def table(self, l2_sector: int) -> bytearray:
         return await self.l2.get(l2_sector * SECTOR)
 
-    async def map(self, offset: int, end: int) -> list[Run]:
+    async def map(self, offset: int, end: int, first_only: bool = False) -> list[Run]:
         rel = offset - self.start
-        sector = rel >> 9
-        l1_index = sector // self.l1_entry_sectors
+        l1_index = (rel >> 9) // self.l1_entry_sectors
         span_end = self.start + (l1_index + 1) * self.l1_entry_sectors * SECTOR
         end = min(end, span_end)
         if l1_index >= self.l1_size:
@@ -249,9 +248,15 @@ class SparseExtent(Extent):
             table = await self.table(l2)
         except OSError:
             return [Run(ERROR, offset, end - offset)]
+        return self._runs(table, offset, end, first_only)
+
+    def _runs(self, table: bytearray, offset: int, end: int, first_only: bool) -> list[Run]:
         cs = self.cluster_size
         es = self.entry_size
         fmt = "<Q" if es == 8 else "<I"
+        # Grain table indexes follow the guest offset one by one, unless QEMU's 32-bit
+        # product of table size and grain size wrapped (then only entry by entry is right).
+        linear = self.l1_entry_sectors == self.l2_size * self.cluster_sectors
         runs: list[Run] = []
         pos = offset
         while pos < end:
@@ -260,18 +265,26 @@ class SparseExtent(Extent):
             c_end = min(c_start + cs, end)
             index = ((c_rel >> 9) // self.cluster_sectors) % self.l2_size
             (entry,) = struct.unpack_from(fmt, table, index * es)
+            if entry == 0 and linear:
+                # A run of unallocated grains, measured in C.
+                last = index + (end - c_start - 1) // cs
+                chunk = table[index * es : (last + 1) * es]
+                zeros = (len(chunk) - len(chunk.lstrip(b"\0"))) // es
+                c_end = min(c_start + max(zeros, 1) * cs, end)
             kind, host_sector = self.decode(entry)
             host = 0
             if kind == DATA:
                 host = to_int64(host_sector << 9)
                 host = host if self.compressed else host + pos - c_start
-            last = runs[-1] if runs else None
+            prev = runs[-1] if runs else None
             if (
-                last is not None
-                and last.kind == kind
-                and (kind != DATA or (not self.compressed and last.host + last.length == host))
+                prev is not None
+                and prev.kind == kind
+                and (kind != DATA or (not self.compressed and prev.host + prev.length == host))
             ):
-                last.length += c_end - pos
+                prev.length += c_end - pos
+            elif prev is not None and first_only:
+                break
             else:
                 runs.append(Run(kind, pos, c_end - pos, host, self.compressed and kind == DATA))
             pos = c_end
