@@ -5,16 +5,12 @@ carry QSD's texts."""
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import check_image, qemu_img
-from vmdktest import SIDES, GiB, MiB, Pair
-
-CID = re.compile(rb"(?m)^CID=[0-9a-f]+$")
+from vmdktest import SIDES, GiB, MiB, Pair, same_files
 
 
 def _create(pair: Pair, side: str, job: str, options: dict[str, Any]) -> str | None:
@@ -46,34 +42,6 @@ def _files(pair: Pair, side: str, d: Path, names: list[str]) -> list[str]:
 def _drop_files(pair: Pair, side: str, nodes: list[str]) -> None:
     for node in nodes:
         pair.qmp[side].run("blockdev-del", {"node-name": node})
-
-
-def _no_data(path: Path, start: int) -> bool:
-    with open(path, "rb") as f:
-        try:
-            os.lseek(f.fileno(), start, os.SEEK_DATA)
-        except OSError:
-            return True
-    return False
-
-
-def _same_bytes(a: Path, b: Path) -> None:
-    """The same file, apart from the random CID in the descriptor (whose length varies)."""
-    if a.stat().st_size > 64 * MiB:
-        # A flat extent: zeroes of the right size (QEMU allocates the first block of a new
-        # file, blockd leaves all of it a hole).
-        assert a.stat().st_size == b.stat().st_size, a
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            assert fa.read(MiB) == fb.read(MiB) == bytes(MiB)
-        assert _no_data(a, MiB) and _no_data(b, MiB), a
-        return
-    da, db = a.read_bytes(), b.read_bytes()
-    if da[:4] == b"KDMV":
-        # The descriptor sits in sectors 1-20; everything else must be the same bytes.
-        assert da[:512] == db[:512] and da[10752:] == db[10752:], f"{a} differs from {b}"
-        da, db = da[512:10752], db[512:10752]
-    ta, tb = (CID.sub(b"CID=?", d.split(b"\0", 1)[0]) for d in (da, db))
-    assert ta == tb, f"{a} differs from {b}"
 
 
 # (subformat, size, qemu-img -o options, blockdev-create options)
@@ -128,7 +96,7 @@ def test_create_as_qemu_img(
         assert _create(pair, side, "c", options) is None, side
         _drop_files(pair, side, [desc, *ext])
         for name in ["img.vmdk", *extents]:
-            _same_bytes(d / name, ref / name)
+            same_files(d / name, ref / name)
         assert check_image(d / "img.vmdk")["rc"] == 0
         info = qemu_img("info", "--output=json", d / "img.vmdk").stdout
         assert f'"virtual-size": {size}' in info
@@ -152,7 +120,7 @@ def test_create_inline_and_backing(pair: Pair, tmp_path: Path) -> None:
             "backing-file": "base.vmdk",
         }
         assert _create(pair, side, "c", options) is None, side
-        _same_bytes(d / "top.vmdk", ref / "top.vmdk")
+        same_files(d / "top.vmdk", ref / "top.vmdk")
         qemu_img("compare", "-f", "vmdk", "-F", "vmdk", d / "top.vmdk", ref / "base.vmdk")
 
 
