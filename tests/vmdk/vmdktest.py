@@ -37,18 +37,28 @@ class Pair:
         self.nbd: dict[str, Path] = {}
         try:
             for side in SIDES:
-                start = start_blockd if side == "blockd" else start_qsd
-                d = start(tmp, name=side)
-                self.daemons[side] = d
-                self.qmp[side] = _connect(d)
-                sock = tmp / f"{side}-nbd.sock"
-                self.qmp[side].run(
-                    "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}}
-                )
-                self.nbd[side] = sock
+                self.start(side)
         except BaseException:
             self.close()
             raise
+
+    def start(self, side: str, generation: int = 0) -> None:
+        start = start_blockd if side == "blockd" else start_qsd
+        d = start(self.tmp, name=f"{side}{generation or ''}")
+        self.daemons[side] = d
+        self.qmp[side] = _connect(d)
+        sock = self.tmp / f"{side}{generation or ''}-nbd.sock"
+        self.qmp[side].run(
+            "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}}
+        )
+        self.nbd[side] = sock
+
+    def restart_qsd(self) -> None:
+        """Replace a crashed qemu-storage-daemon (the oracle has bugs blockd must not copy)."""
+        self.qmp["qsd"].close()
+        self.daemons["qsd"].stop()
+        self.generation = getattr(self, "generation", 0) + 1
+        self.start("qsd", self.generation)
 
     def close(self) -> None:
         for q in self.qmp.values():
@@ -92,11 +102,24 @@ class Pair:
     def drop(self, node: str, exported: bool = True) -> None:
         """Remove the export (waiting until it is gone) and the node on both daemons."""
         for side in SIDES:
-            q = self.qmp[side]
             if exported:
-                q.run("block-export-del", {"id": node})
-                q.wait_event("BLOCK_EXPORT_DELETED")
-            q.run("blockdev-del", {"node-name": node})
+                self.unexport(side, node)
+            self.qmp[side].run("blockdev-del", {"node-name": node})
+
+    def unexport(self, side: str, export: str) -> None:
+        """block-export-del, then wait for this export's BLOCK_EXPORT_DELETED."""
+        q = self.qmp[side]
+        q.run("block-export-del", {"id": export})
+        deadline = time.monotonic() + 60
+        while True:
+            for e in q.events:
+                if e["event"] == "BLOCK_EXPORT_DELETED" and e["data"]["id"] == export:
+                    q.events.remove(e)
+                    return
+            assert time.monotonic() < deadline, f"{side}: export {export} never went away"
+            msg = q.recv()
+            if "event" in msg:
+                q.events.append(msg)
 
     def named_node(self, side: str, node: str, flat: bool = True) -> dict[str, Any]:
         nodes = self.qmp[side].run("query-named-block-nodes", {"flat": flat})["return"]

@@ -41,6 +41,7 @@ from blockd.block.drivers.vmdk.sparse import (
     VMDK3_MAGIC,
     VMDK4_MAGIC,
     SparseExtent,
+    check_grain_size,
     open_vmdk3,
     open_vmdk4,
 )
@@ -92,6 +93,8 @@ class VmdkDriver(BlockDriver):
         self.backing_format: str | None = None
         self.full_backing_file_name: str | None = None
         self._backing_null = False
+        #: Files holding metadata (the descriptor or sparse file, sparse extents).
+        self._meta_files: set[str] = set()
         #: QEMU's s->lock: table lookups and every metadata change (data I/O runs outside).
         self.lock = asyncio.Lock()
         self.writer = Writer(self)
@@ -104,6 +107,7 @@ class VmdkDriver(BlockDriver):
     async def open(self, options: Any, graph: BlockGraph) -> None:
         await graph.open_child(self.node, options.file, "file", ChildRole.image())
         file = self.file
+        self._meta_files.add(file.driver.identity())
         magic = await _read_start(file)
         if magic in (VMDK3_MAGIC, VMDK4_MAGIC):
             await self._open_sparse(file, magic, "", graph, 0)
@@ -133,7 +137,7 @@ class VmdkDriver(BlockDriver):
     ) -> None:
         """A sparse file: an extent, or (VMDK4 with no capacity) one more descriptor."""
         if magic == VMDK3_MAGIC:
-            self._add(await open_vmdk3(file, kind))
+            self._add(await open_vmdk3(file, kind, self.node.read_only))
             return
         if magic != VMDK4_MAGIC:
             raise QmpError("Image not in VMDK format")
@@ -188,6 +192,14 @@ class VmdkDriver(BlockDriver):
         opts = ArgsValidator(BlockdevOptions).validate(file_opts)
         edge = await graph.open_child(self.node, opts, f"extents.{len(self.extents)}", role)
         node = edge.node
+        if not flat and not self.node.read_only:
+            # QEMU takes the write lock of every writable file with metadata as it opens it,
+            # so a descriptor naming one sparse file twice fails there; without that, two
+            # extents would allocate grains at the same place of one file.
+            ident = node.driver.identity()
+            if ident in self._meta_files:
+                raise QmpError('Failed to get "write" lock')
+            self._meta_files.add(ident)
         if flat:
             self._add(FlatExtent(line.kind, node, line.sectors, line.flat_offset))
         elif line.kind == "SESPARSE":
@@ -224,6 +236,8 @@ class VmdkDriver(BlockDriver):
         for e in self.extents:
             if isinstance(e, SparseExtent) and e.version == 3 and not e.compressed:
                 raise QmpError("VMDK version 3 must be read only")
+            if isinstance(e, SparseExtent):
+                check_grain_size(e, read_only)
 
     # -- lookups ---------------------------------------------------------------------------
     def getlength(self) -> int:
@@ -241,7 +255,7 @@ class VmdkDriver(BlockDriver):
         if ext is None:
             raise OSError(errno.EIO, f"vmdk: no extent at {offset:#x}")
         async with self.lock:
-            return ext, await ext.map(offset, min(end, ext.end), first_only)
+            return ext, await ext.map(offset, ext.reach(end), first_only)
 
     async def cid_valid(self) -> bool:
         """Whether the parent is the image this delta was taken from (QEMU's

@@ -81,6 +81,10 @@ class Extent:
     def cluster_size(self) -> int:
         return self.sectors * SECTOR
 
+    def reach(self, end: int) -> int:
+        """How far a request ending at *end* is served by this extent (see SparseExtent)."""
+        return min(end, self.end)
+
     async def map(self, offset: int, end: int, first_only: bool = False) -> list[Run]:
         """Runs covering [offset, end) from *offset* on, as far as one table reaches (at
         least one run; only the first with *first_only*); *end* lies within this extent."""

@@ -62,6 +62,10 @@ MAX_EXTENT_SECTORS = 1 << 32
 L1_PAGE = 4096
 #: Memory for cached grain tables, per extent.
 L2_CACHE_BYTES = 1024 * 1024
+#: Largest grain blockd holds in memory whole: a compressed grain to inflate, or a new grain
+#: to fill from the parent. QEMU allows 1 GiB grains and allocates them (twice, for a
+#: compressed one, which aborts qemu-storage-daemon); VMware writes 64 KiB.
+MAX_GRAIN_IN_MEMORY = 16 * 1024 * 1024
 U32 = 0xFFFFFFFF
 U64 = (1 << 64) - 1
 
@@ -186,6 +190,14 @@ class SparseExtent(Extent):
     @property
     def cluster_size(self) -> int:
         return self.cluster_sectors * SECTOR
+
+    def reach(self, end: int) -> int:
+        """QEMU serves a request grain by grain without looking at the extent's end, so a
+        last grain cut short by the capacity still serves the guest bytes after the extent's
+        end (up to the grain's end), ahead of the next extent. Odd, but that is what those
+        bytes read as (and where they are written) in QEMU."""
+        cs = self.cluster_size
+        return min(end, self.start + -(-(self.end - self.start) // cs) * cs)
 
     def check_tables(self) -> None:
         """Fail the open where QEMU's read of the directories at open fails."""
@@ -414,7 +426,25 @@ async def open_vmdk4(
     ext.has_zero_grain = bool(hdr.flags & FLAG_ZERO_GRAIN)
     ext.version = hdr.version
     ext.check_tables()
+    check_grain_size(ext, read_only)
     return ext, hdr
+
+
+def check_grain_size(ext: SparseExtent, read_only: bool) -> None:
+    """Refuse what would make blockd hold a huge grain in memory (see MAX_GRAIN_IN_MEMORY)."""
+    cs = ext.cluster_size
+    if cs <= MAX_GRAIN_IN_MEMORY:
+        return
+    if ext.compressed:
+        raise QmpError(
+            f"vmdk: compressed grains of {cs} bytes are not supported by blockd "
+            f"(at most {MAX_GRAIN_IN_MEMORY})"
+        )
+    if not read_only:
+        raise QmpError(
+            f"vmdk: grains of {cs} bytes are too large for blockd to write; open the image "
+            "read-only"
+        )
 
 
 async def _read_footer(file: BlockNode, top_file: BlockNode) -> Vmdk4Header:
@@ -438,7 +468,7 @@ async def _read_footer(file: BlockNode, top_file: BlockNode) -> Vmdk4Header:
     return Vmdk4Header.unpack(buf, 516)
 
 
-async def open_vmdk3(file: BlockNode, kind: str) -> SparseExtent:
+async def open_vmdk3(file: BlockNode, kind: str, read_only: bool) -> SparseExtent:
     """A ``COWD`` (vmfsSparse) extent."""
     raw = await read_zero_padded(file, 4, VMDK3_HEADER.size)
     _ver, _flags, disk_sectors, granularity, l1dir_offset, l1dir_size = VMDK3_HEADER.unpack(raw)[:6]
@@ -456,5 +486,6 @@ async def open_vmdk3(file: BlockNode, kind: str) -> SparseExtent:
         l2_size=4096,
         cluster_sectors=granularity,
     )
+    check_grain_size(ext, read_only)
     ext.check_tables()
     return ext

@@ -72,7 +72,7 @@ class Writer:
                     raise OSError(errno.EIO, f"vmdk: no extent at {pos:#x}")
                 if ext.sesparse:
                     raise OSError(errno.ENOTSUP, "vmdk: seSparse extents are read-only")
-                stop = min(end, ext.end)
+                stop = ext.reach(end)
                 if isinstance(ext, ZeroExtent):
                     raise OSError(errno.EIO, "vmdk: a ZERO extent has no file to write to")
                 if isinstance(ext, SparseExtent):
@@ -228,7 +228,7 @@ class Writer:
             ext = drv.find(pos)
             if ext is None:
                 raise OSError(errno.EIO, f"vmdk: no extent at {pos:#x}")
-            stop = min(end, ext.end)
+            stop = ext.reach(end)
             if isinstance(ext, ZeroExtent):
                 pos = stop
                 continue
