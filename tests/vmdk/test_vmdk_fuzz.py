@@ -518,6 +518,9 @@ def test_mutated_vmdk_images(pair: Pair, tmp_path: Path) -> None:
         print("  note:", n)
     hwm = _hwm_kib(pair.daemons["blockd"].proc.pid)
     print(f"  blockd peak RSS {hwm // 1024} MiB")
+    # Nothing left behind by refused opens (implicit extent and backing nodes included).
+    left = pair.qmp["blockd"].run("query-named-block-nodes")["return"]
+    assert not [n["node-name"] for n in left if str(tmp_path) in n["file"]]
     assert not problems, "\n".join(problems[:30]) + f"\n({len(problems)} problems)"
     assert stats.get("refused", 0) >= CASES // 5 and stats.get("opened", 0) >= CASES // 5, stats
     assert hwm < 512 * 1024

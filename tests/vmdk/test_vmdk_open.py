@@ -205,3 +205,21 @@ def test_probe(tmp_path: Path) -> None:
     assert probe(b"QFI\xfb", "x") == 0
     created = _sparse(tmp_path, opts="subformat=monolithicFlat")
     assert probe(created.read_bytes()[:2048], str(created)) == 100
+
+
+def test_descriptor_naming_itself(pair: Pair, tmp_path: Path) -> None:
+    """A sparse file whose header points to an embedded descriptor that names the file
+    itself: QEMU recurses until its stack overflows (qemu-img dies with SIGSEGV), so only
+    blockd gets it; it refuses, cleanly, and keeps running."""
+    img = _mutated(tmp_path, {"capacity": 0})
+    data = bytearray(img.read_bytes())
+    text = (
+        b"# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n"
+        b'createType="twoGbMaxExtentSparse"\nRW 2048 SPARSE "base.vmdk"\n\0'
+    )
+    data[512 : 512 + len(text)] = text
+    img.write_bytes(bytes(data))
+    res = pair.cmd("blockd", "blockdev-add", vmdk_node("loop", img, **{"read-only": True}))
+    assert res["error"]["desc"].startswith("vmdk: descriptors nested deeper than 8 levels"), res
+    nodes = pair.qmp["blockd"].run("query-named-block-nodes")["return"]
+    assert not any(str(tmp_path) in n["file"] for n in nodes), nodes

@@ -190,7 +190,10 @@ class VmdkDriver(BlockDriver):
         flat = line.kind in ("FLAT", "VMFS")
         role = ChildRole.DATA if flat else ChildRole.DATA | ChildRole.METADATA
         opts = ArgsValidator(BlockdevOptions).validate(file_opts)
-        edge = await graph.open_child(self.node, opts, f"extents.{len(self.extents)}", role)
+        # QEMU names the child after the number of extents so far; nested descriptors would
+        # repeat a name there, so the number of extent files opened so far is used here.
+        child = f"extents.{sum(1 for c in self.node.children if c.startswith('extents.'))}"
+        edge = await graph.open_child(self.node, opts, child, role)
         node = edge.node
         if not flat and not self.node.read_only:
             # QEMU takes the write lock of every writable file with metadata as it opens it,
