@@ -1,4 +1,4 @@
-"""vmdk test fixtures: one blockd and one qemu-storage-daemon per test module, each with an
+"""vmdk test fixtures: one blockd and one qemu-storage-daemon for all vmdk tests, each with an
 NBD server, so that every image is opened, exported and read by both in the same run.
 
 The helper modules next to this file (and tests/nbd's nbdtest) are made importable here,
@@ -20,7 +20,7 @@ for _p in (_HERE, _HERE.parent / "nbd"):
 from vmdktest import Pair  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     p = Pair(tmp_path_factory.mktemp("daemons"))
     try:
