@@ -5,6 +5,7 @@ images that open: ``query-named-block-nodes`` and the format probe."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import struct
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import pytest
 from imagegen import set_field
+from nbdtest import RawNbd
 from support import qemu_img, qemu_io
 from vmdktest import MiB, Pair, vmdk_node
+
+from blockd.nbd import protocol as P
 
 GRAIN_SECTORS = 128
 GD_SPAN = 512 * GRAIN_SECTORS  # sectors one grain directory entry covers
@@ -218,3 +222,31 @@ def test_descriptor_naming_itself(pair: Pair, tmp_path: Path) -> None:
     assert res["error"]["desc"].startswith("vmdk: descriptors nested deeper than 8 levels"), res
     nodes = pair.qmp["blockd"].run("query-named-block-nodes")["return"]
     assert not any(str(tmp_path) in n["file"] for n in nodes), nodes
+
+
+def test_backing_option_as_qsd(pair: Pair, tmp_path: Path) -> None:
+    """``backing: null`` and a backing node given by name: node info (a json: filename, as
+    QEMU makes when the option overrides the recorded parent) and reads as QSD's. A parent
+    that is not a vmdk has no CID: unallocated reads fail with EINVAL in both."""
+    base = _sparse(tmp_path)
+    top = tmp_path / "top.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-b", base.name, "-F", "vmdk", top)
+    qemu_io("-f", "vmdk", "-c", "write -P 0x21 1M 64k", top)
+    raw = {"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": str(base)}}
+    pair.add_ok(raw)
+    for name, backing in (("nul", None), ("byname", "r")):
+        pair.add_ok(vmdk_node(name, top, **{"read-only": True, "backing": backing}))
+        got = {side: _norm(pair.named_node(side, name), tmp_path) for side in ("blockd", "qsd")}
+        assert got["blockd"] == got["qsd"], name
+        assert str(got["blockd"]["file"]).startswith("json:{")
+        pair.export(name)
+        for side in ("blockd", "qsd"):
+            c = RawNbd(str(pair.nbd[side]))
+            c.go(name, structured=False)
+            assert c.read(MiB, 65536) == b"\x21" * 65536
+            r = c.request(P.CMD_READ, 0, 4096)
+            want = 0 if backing is None else errno.EINVAL
+            assert r["error"] == want, (side, name, r["error"])
+            c.disconnect()
+        pair.drop(name)
+    pair.drop("r", exported=False)

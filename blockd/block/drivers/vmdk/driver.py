@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import errno
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +94,7 @@ class VmdkDriver(BlockDriver):
         self.backing_format: str | None = None
         self.full_backing_file_name: str | None = None
         self._backing_null = False
+        self._backing_given = False
         #: Files holding metadata (the descriptor or sparse file, sparse extents).
         self._meta_files: set[str] = set()
         #: QEMU's s->lock: table lookups and every metadata change (data I/O runs outside).
@@ -129,6 +131,7 @@ class VmdkDriver(BlockDriver):
         self._backing_null = await open_backing(
             self.node, graph, options, self.backing_file_name, self.backing_format
         )
+        self._backing_given = "backing" in options.model_fields_set
         grains = [e.cluster_size for e in self.extents if not e.flat]
         self.limits.pwrite_zeroes_alignment = max(grains, default=0)
 
@@ -365,9 +368,24 @@ class VmdkDriver(BlockDriver):
         return self._backing_null and bool(self.backing_file_name) and self.node.backing is None
 
     def filename(self) -> str:
-        if "file" in self.node.children:
-            return str(self.file.filename)
-        return super().filename()
+        """The file's name, or (QEMU's bdrv_refresh_filename) a json: description when the
+        ``backing`` option overrides the parent the descriptor names."""
+        if "file" not in self.node.children:
+            return super().filename()
+        name = str(self.file.filename)
+        back = self.node.backing
+        # QEMU compares the name the image records with the name of a backing node the user
+        # gave (an implicit one got the recorded name resolved, and counts as the same).
+        if (
+            name.startswith("json:")
+            or not self.backing_file_name
+            or not self._backing_given
+            or (back is not None and back.filename == self.backing_file_name)
+        ):
+            return name
+        desc: dict[str, Any] = {"driver": "vmdk", "file": _open_options(self.file)}
+        desc["backing"] = _open_options(back) if back is not None else None
+        return "json:" + json.dumps(desc, sort_keys=True)
 
     def image_info(self) -> dict[str, Any]:
         data = {
@@ -411,6 +429,10 @@ class VmdkDriver(BlockDriver):
         from blockd.block.drivers.vmdk.create import create_image
 
         await create_image(options, graph)
+
+
+def _open_options(node: BlockNode) -> dict[str, Any]:
+    return {k: v for k, v in node.options.items() if k != "node-name"}
 
 
 def _same_kind(a: Extent, b: Extent) -> bool:
