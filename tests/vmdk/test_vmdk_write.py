@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
+from imagegen import build_vmdk3
 from nbdtest import RawNbd
 from support import check_image, qemu_img, qemu_io
 from vmdktest import (
@@ -22,6 +23,7 @@ from vmdktest import (
     Pair,
     cid_of,
     descriptor_of,
+    per_side,
     random_source,
     same_data,
     same_files,
@@ -222,3 +224,22 @@ def test_backing_of_qcow2_overlay(pair: Pair, tmp_path: Path) -> None:
     pair.qmp["blockd"].run("blockdev-del", {"node-name": "w"})
     assert {p: _sha(p) for p in _files_of(tmp_path)} == base_files
     qemu_io("-f", "qcow2", "-c", "read -P 0x77 1M 4M", top)
+
+
+def test_vmfs_sparse_writes_as_qsd(pair: Pair, tmp_path: Path) -> None:
+    """QEMU writes vmfsSparse (COWD) extents too: 32-bit tables of 4096 entries, 4 KiB grains
+    here; the files end up the same as QSD's."""
+    rng = random.Random(13)
+    grains = {g: rng.randbytes(4096) for g in rng.sample(range(512), 20)}
+    desc, _want = build_vmdk3(tmp_path, "cw", 2 * MiB, grains)
+    dirs = per_side(tmp_path, desc, tmp_path / "cw-cowd.vmdk")
+    for side, d in dirs.items():
+        assert "return" in pair.cmd(side, "blockdev-add", vmdk_node("cw", d / "cw.vmdk"))
+    uris = pair.export("cw", writable=True)
+    src = random_source(tmp_path / "src.bin", rng)
+    script = [f"write -s {src} {rng.randrange(0, 2 * MiB - 9000)} 9000" for _ in range(12)]
+    for u in uris.values():
+        qemu_io("-f", "raw", *[a for c in script for a in ("-c", c)], u)
+    pair.drop("cw")
+    same_files(dirs["blockd"] / "cw-cowd.vmdk", dirs["qsd"] / "cw-cowd.vmdk")
+    same_files(dirs["blockd"] / "cw.vmdk", dirs["qsd"] / "cw.vmdk")
