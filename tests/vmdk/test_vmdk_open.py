@@ -75,6 +75,8 @@ CASES: list[tuple[str, Callable[[Path], Path], bool]] = [
     ("grain offset past EOF", lambda t: _mutated(t, {"grain_offset": 1 << 20}), True),
     # 2^25 + 1 directory entries of 512 grains of 64 KiB: one past the bound.
     ("L1 size too big", lambda t: _mutated(t, {"capacity": (1 << 25) * GD_SPAN + 1}), True),
+    ("L1 table past 2^63", lambda t: _mutated(t, {"gd_offset": 1 << 54}), True),
+    ("backup L1 table past 2^63", lambda t: _mutated(t, {"rgd_offset": (1 << 54) + 8}), True),
     ("footer marker missing", lambda t: _mutated(t, {"gd_offset": 2**64 - 1}), True),
     ("empty createType", _desc_case('RW 2048 FLAT "d-flat.vmdk" 0', ct=""), True),
     (

@@ -42,7 +42,7 @@ from blockd.block.drivers.vmdk.sparse import (
     VMDK3_MAGIC,
     VMDK4_MAGIC,
     SparseExtent,
-    check_grain_size,
+    grain_size_refusal,
     open_vmdk3,
     open_vmdk4,
 )
@@ -51,7 +51,7 @@ from blockd.block.perm import ChildRole
 from blockd.block.probe import full_name, open_backing, sibling
 from blockd.block.status import BlockStatus
 from blockd.block.status import Extent as Status
-from blockd.errors import QmpError
+from blockd.errors import QmpError, errno_of, strerror
 
 if TYPE_CHECKING:
     from blockd.block.graph import BlockGraph
@@ -116,7 +116,6 @@ class VmdkDriver(BlockDriver):
             self.desc_offset = 0x200
         else:
             await self._open_descriptor(await _read_desc(file, 0), graph, 0)
-        self._check_size()
         region = bytes(await read_zero_padded(file, self.desc_offset, desc.DESC_SIZE))
         hint = desc.parent_hint(region)
         cid = desc.read_cid(region, False)
@@ -132,6 +131,14 @@ class VmdkDriver(BlockDriver):
             self.node, graph, options, self.backing_file_name, self.backing_format
         )
         self._backing_given = "backing" in options.model_fields_set
+        # blockd's own refusals come last, so that an image QEMU refuses gets QEMU's words.
+        self._check_size()
+        for e in self.extents:
+            refusal = (
+                grain_size_refusal(e, self.node.read_only) if isinstance(e, SparseExtent) else None
+            )
+            if refusal:
+                raise QmpError(refusal)
         grains = [e.cluster_size for e in self.extents if not e.flat]
         self.limits.pwrite_zeroes_alignment = max(grains, default=0)
 
@@ -140,7 +147,7 @@ class VmdkDriver(BlockDriver):
     ) -> None:
         """A sparse file: an extent, or (VMDK4 with no capacity) one more descriptor."""
         if magic == VMDK3_MAGIC:
-            self._add(await open_vmdk3(file, kind, self.node.read_only))
+            self._add(await open_vmdk3(file, kind))
             return
         if magic != VMDK4_MAGIC:
             raise QmpError("Image not in VMDK format")
@@ -234,6 +241,12 @@ class VmdkDriver(BlockDriver):
         if any(e.sectors < 0 for e in self.extents) or self.getlength() > MAX_LENGTH:
             raise QmpError(f"Could not open '{self.file.filename}': File too large")
 
+    def _check_grains(self, read_only: bool) -> None:
+        for e in self.extents:
+            refusal = grain_size_refusal(e, read_only) if isinstance(e, SparseExtent) else None
+            if refusal:
+                raise QmpError(refusal)
+
     async def reopen(self, read_only: bool) -> None:
         if read_only or read_only == self.node.read_only:
             return
@@ -242,8 +255,7 @@ class VmdkDriver(BlockDriver):
         for e in self.extents:
             if isinstance(e, SparseExtent) and e.version == 3 and not e.compressed:
                 raise QmpError("VMDK version 3 must be read only")
-            if isinstance(e, SparseExtent):
-                check_grain_size(e, read_only)
+        self._check_grains(False)
 
     # -- lookups ---------------------------------------------------------------------------
     def getlength(self) -> int:
@@ -460,4 +472,4 @@ async def _read_desc(file: BlockNode, offset: int) -> bytes:
         check_request(offset, size)
         return bytes(await read_zero_padded(file, offset, size))
     except OSError as exc:
-        raise QmpError(f"Could not read from file: {exc.strerror}") from None
+        raise QmpError(f"Could not read from file: {strerror(errno_of(exc))}") from None

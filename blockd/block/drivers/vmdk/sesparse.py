@@ -27,7 +27,7 @@ from blockd.block.drivers.vmdk.extent import (
     to_int64,
 )
 from blockd.block.drivers.vmdk.sparse import SparseExtent, add_extent_checks
-from blockd.errors import QmpError
+from blockd.errors import QmpError, errno_of, strerror
 
 if TYPE_CHECKING:
     from blockd.block.node import BlockNode
@@ -137,7 +137,7 @@ async def open_sesparse(file: BlockNode, kind: str) -> SeSparseExtent:
         vol = await read_zero_padded(file, at, VOLATILE_HEADER.size)
     except OSError as exc:
         raise QmpError(
-            f"Could not read volatile header from file '{file.filename}': {exc.strerror}"
+            f"Could not read volatile header from file '{file.filename}': {strerror(errno_of(exc))}"
         ) from None
     check_volatile_header(vol)
     l1_size = (((f[GD_SIZE] * SECTOR) & U64) // 8) & U32

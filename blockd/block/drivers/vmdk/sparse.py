@@ -34,7 +34,7 @@ from blockd.block.drivers.vmdk.extent import (
     check_request,
     to_int64,
 )
-from blockd.errors import QmpError
+from blockd.errors import QmpError, errno_of, strerror
 from blockd.io.pool import run_blocking
 
 if TYPE_CHECKING:
@@ -202,20 +202,15 @@ class SparseExtent(Extent):
     def check_tables(self) -> None:
         """Fail the open where QEMU's read of the directories at open fails."""
         n = self.l1_size * self.entry_size
-        try:
-            check_request(self.l1_offset, n)
-        except OSError as exc:
-            raise QmpError(
-                f"Could not read l1 table from extent '{self.file.filename}': {exc.strerror}"
-            ) from None
-        if self.l1_backup_offset:
-            try:
-                check_request(self.l1_backup_offset, n)
-            except OSError as exc:
-                raise QmpError(
-                    f"Could not read l1 backup table from extent '{self.file.filename}': "
-                    f"{exc.strerror}"
-                ) from None
+        for what, at in (("l1 table", self.l1_offset), ("l1 backup table", self.l1_backup_offset)):
+            if what == "l1 table" or at:
+                try:
+                    check_request(at, n)
+                except OSError as exc:
+                    raise QmpError(
+                        f"Could not read {what} from extent '{self.file.filename}': "
+                        f"{strerror(errno_of(exc))}"
+                    ) from None
 
     # -- lookups ---------------------------------------------------------------------------
     async def _l1_entry(self, cache: MetadataCache, base: int, index: int) -> int:
@@ -426,25 +421,26 @@ async def open_vmdk4(
     ext.has_zero_grain = bool(hdr.flags & FLAG_ZERO_GRAIN)
     ext.version = hdr.version
     ext.check_tables()
-    check_grain_size(ext, read_only)
     return ext, hdr
 
 
-def check_grain_size(ext: SparseExtent, read_only: bool) -> None:
-    """Refuse what would make blockd hold a huge grain in memory (see MAX_GRAIN_IN_MEMORY)."""
+def grain_size_refusal(ext: SparseExtent, read_only: bool) -> str | None:
+    """Why blockd refuses an extent whose grains it would have to hold in memory whole (see
+    MAX_GRAIN_IN_MEMORY), or None."""
     cs = ext.cluster_size
     if cs <= MAX_GRAIN_IN_MEMORY:
-        return
+        return None
     if ext.compressed:
-        raise QmpError(
+        return (
             f"vmdk: compressed grains of {cs} bytes are not supported by blockd "
             f"(at most {MAX_GRAIN_IN_MEMORY})"
         )
     if not read_only:
-        raise QmpError(
+        return (
             f"vmdk: grains of {cs} bytes are too large for blockd to write; open the image "
             "read-only"
         )
+    return None
 
 
 async def _read_footer(file: BlockNode, top_file: BlockNode) -> Vmdk4Header:
@@ -453,7 +449,7 @@ async def _read_footer(file: BlockNode, top_file: BlockNode) -> Vmdk4Header:
         check_request(at, 1536)
         buf = bytes(await read_zero_padded(file, at, 1536))
     except OSError as exc:
-        raise QmpError(f"Failed to read footer: {exc.strerror}") from None
+        raise QmpError(f"Failed to read footer: {strerror(errno_of(exc))}") from None
     _v, fm_size, fm_type = MARKER.unpack_from(buf, 0)
     eos_val, eos_size, eos_type = MARKER.unpack_from(buf, 1024)
     if (
@@ -468,7 +464,7 @@ async def _read_footer(file: BlockNode, top_file: BlockNode) -> Vmdk4Header:
     return Vmdk4Header.unpack(buf, 516)
 
 
-async def open_vmdk3(file: BlockNode, kind: str, read_only: bool) -> SparseExtent:
+async def open_vmdk3(file: BlockNode, kind: str) -> SparseExtent:
     """A ``COWD`` (vmfsSparse) extent."""
     raw = await read_zero_padded(file, 4, VMDK3_HEADER.size)
     _ver, _flags, disk_sectors, granularity, l1dir_offset, l1dir_size = VMDK3_HEADER.unpack(raw)[:6]
@@ -486,6 +482,5 @@ async def open_vmdk3(file: BlockNode, kind: str, read_only: bool) -> SparseExten
         l2_size=4096,
         cluster_sectors=granularity,
     )
-    check_grain_size(ext, read_only)
     ext.check_tables()
     return ext
