@@ -18,7 +18,6 @@ import asyncio
 import bisect
 import errno
 import json
-import logging
 from typing import TYPE_CHECKING, Any
 
 from blockd.block.driver import BlockDriver, WriteFlags, register_driver
@@ -56,8 +55,6 @@ from blockd.errors import QmpError, errno_of, strerror
 if TYPE_CHECKING:
     from blockd.block.graph import BlockGraph
     from blockd.block.node import BlockNode
-
-log = logging.getLogger(__name__)
 
 #: Descriptors embedded in sparse files that point to more of them: QEMU recurses without
 #: bound (a file naming itself exhausts its stack); blockd stops here.
@@ -133,12 +130,10 @@ class VmdkDriver(BlockDriver):
         self._backing_given = "backing" in options.model_fields_set
         # blockd's own refusals come last, so that an image QEMU refuses gets QEMU's words.
         self._check_size()
-        for e in self.extents:
-            refusal = (
-                grain_size_refusal(e, self.node.read_only) if isinstance(e, SparseExtent) else None
-            )
-            if refusal:
-                raise QmpError(refusal)
+        self._check_grains(self.node.read_only)
+        sparse = [e for e in self.extents if isinstance(e, SparseExtent)]
+        for e in sparse:
+            e.share_caches(len(sparse))
         grains = [e.cluster_size for e in self.extents if not e.flat]
         self.limits.pwrite_zeroes_alignment = max(grains, default=0)
 

@@ -60,8 +60,10 @@ MAX_CLUSTER_SECTORS = 0x200000
 MAX_EXTENT_SECTORS = 1 << 32
 #: Directory pages are read this many bytes at a time.
 L1_PAGE = 4096
-#: Memory for cached grain tables, per extent.
-L2_CACHE_BYTES = 1024 * 1024
+#: Memory for cached grain tables and directory pages of a whole disk, shared out among its
+#: sparse extents (a 1 TB twoGbMaxExtentSparse disk has 500), with QEMU's 16 tables at least.
+L2_CACHE_BYTES = 4 * 1024 * 1024
+L1_CACHE_BYTES = 1024 * 1024
 #: Largest grain blockd holds in memory whole: a compressed grain to inflate, or a new grain
 #: to fill from the parent. QEMU allows 1 GiB grains and allocates them (twice, for a
 #: compressed one, which aborts qemu-storage-daemon); VMware writes 64 KiB.
@@ -183,13 +185,18 @@ class SparseExtent(Extent):
         self.l1_backup = MetadataCache(
             _Table(file, l1_backup_offset, l1_backup_offset + l1_size * es), L1_PAGE, 16
         )
-        cap = max(16, L2_CACHE_BYTES // max(self.table_bytes, 1))
-        self.l2 = MetadataCache(_Table(file), max(self.table_bytes, 1), cap)
+        self.l2 = MetadataCache(_Table(file), max(self.table_bytes, 1), 16)
+        self.share_caches(1)
         self._grain_cache: tuple[int, bytes] | None = None
 
     @property
     def cluster_size(self) -> int:
         return self.cluster_sectors * SECTOR
+
+    def share_caches(self, extents: int) -> None:
+        """Size the caches for one of *extents* sparse extents of a disk."""
+        self.l2.capacity = max(16, L2_CACHE_BYTES // extents // max(self.table_bytes, 1))
+        self.l1.capacity = max(4, L1_CACHE_BYTES // extents // L1_PAGE)
 
     def reach(self, end: int) -> int:
         """QEMU serves a request grain by grain without looking at the extent's end, so a

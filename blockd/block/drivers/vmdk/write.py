@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from blockd.block.driver import MiB, WriteFlags
 from blockd.block.drivers.metacache import read_zero_padded
 from blockd.block.drivers.vmdk import descriptor as desc
-from blockd.block.drivers.vmdk.extent import DATA, SECTOR, ZEROED, ZeroExtent
+from blockd.block.drivers.vmdk.extent import DATA, SECTOR, ZEROED, FlatExtent, ZeroExtent
 from blockd.block.drivers.vmdk.sparse import (
     GTE_ZEROED,
     MAX_EXTENT_SECTORS,
@@ -78,8 +78,8 @@ class Writer:
                 if isinstance(ext, SparseExtent):
                     pos = await self._write_sparse(ext, pos, stop, data, offset)
                 else:
-                    assert ext.file is not None
-                    host = ext.data_offset + pos - ext.start  # type: ignore[attr-defined]
+                    assert isinstance(ext, FlatExtent) and ext.file is not None
+                    host = ext.data_offset + pos - ext.start
                     await write_grown(ext.file, host, data[pos - offset : stop - offset])
                     pos = stop
                 await self._update_cid()
