@@ -413,7 +413,9 @@ def _run(
             n = min(CHUNK, c.size - off)
             rep = c.request(P.CMD_READ, off, n, flags=P.CMD_FLAG_DF)
             out.reads[off] = rep["error"] or b"".join(b[8:] for _t, b in rep["chunks"])
-            c.request(P.CMD_BLOCK_STATUS, off, n)  # must be answered, error or not
+        if c.size:
+            # The whole disk's status (as much as one reply gives): answered, error or not.
+            c.request(P.CMD_BLOCK_STATUS, 0, min(c.size, 0xFFFFFE00))
         c.disconnect()
     finally:
         c.close()
