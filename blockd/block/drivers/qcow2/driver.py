@@ -449,12 +449,7 @@ class Qcow2Driver(BlockDriver):
         except BaseException:
             self.backing_file_name, self.backing_format, self.full_backing_file_name = old
             raise
-        self.full_backing_file_name = None
-        if name and self.file is not None:
-            try:
-                self.full_backing_file_name = sibling(self.file, name)[0]
-            except QmpError:
-                pass
+        self.full_backing_file_name = full_name(self.file, name)
 
     async def rewrite_header(self) -> None:
         """Write cluster 0 anew from the live state and ``self.hdr.extensions`` (QEMU's
