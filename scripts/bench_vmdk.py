@@ -15,13 +15,11 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchlib import Qmp, img_bench, node, run, start, stop
+from benchlib import img_bench, node, run, serve, stop
 
 
 def make_image(path: Path, size_mib: int) -> None:
@@ -32,33 +30,6 @@ def make_image(path: Path, size_mib: int) -> None:
         n = min(64, size_mib - off)
         cmds += ["-c", f"write -q -P {i % 255 + 1} {off}M {n}M"]
     run("qemu-io", "-f", "vmdk", *cmds, path)
-
-
-def _connect(sock: Path) -> Qmp:
-    """The socket file appears a moment before the daemon listens on it."""
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return Qmp(sock)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def start_export(kind: str, work: Path, image: Path) -> tuple[subprocess.Popen[bytes], str]:
-    proc, sock = start(kind, work)
-    try:
-        q = _connect(sock)
-        q.cmd("blockdev-add", node("disk", image, "vmdk", **{"read-only": True}))
-        path = work / f"{kind}.nbd"
-        q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(path)}}})
-        q.cmd("block-export-add", {"type": "nbd", "id": "disk", "node-name": "disk"})
-        q.close()
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, f"nbd+unix:///disk?socket={path}"
 
 
 def main() -> int:
@@ -80,7 +51,8 @@ def main() -> int:
     uris = {}
     try:
         for kind in ("blockd", "qsd"):
-            procs[kind], uris[kind] = start_export(kind, work, image)
+            spec = node("disk", image, "vmdk", **{"read-only": True})
+            procs[kind], uris[kind] = serve(kind, work, spec, False)
         print(
             f"qemu-img bench: {args.block_kib} KiB sequential reads, depth 8, {count} requests "
             f"(the whole {args.size_mib} MiB monolithicSparse image), Unix socket"
