@@ -16,26 +16,11 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import MiB, Qmp, export_nbd, img_bench, node, start, stop
-
-
-def start_export(kind: str, work: Path, image: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start *kind* exporting the raw *image* writable over NBD; returns the process and URI."""
-    proc, sock = start(kind, work)
-    try:
-        q = Qmp(sock)
-        q.cmd("blockdev-add", node("disk", image, "raw"))
-        uri = export_nbd(q, "disk", work / f"{kind}.nbd")
-        q.close()
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, uri
+from benchlib import MiB, img_bench, node, serve, stop
 
 
 def bench(uri: str, write: bool, count: int, block_kib: int = 1024) -> float:
@@ -76,7 +61,7 @@ def main() -> int:
     uris = {}
     try:
         for kind in ("blockd", "qsd"):
-            procs[kind], uris[kind] = start_export(kind, work, images[kind])
+            procs[kind], uris[kind] = serve(kind, work, node("disk", images[kind], "raw"), True)
         results: dict[tuple[str, str], list[float]] = {}
         print(
             f"qemu-img bench: {args.block_kib} KiB sequential, depth 8, {args.count} requests "

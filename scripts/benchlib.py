@@ -100,6 +100,36 @@ def start(
     return proc, sock
 
 
+def connect(sock: Path) -> Qmp:
+    """A QMP session, retried while the daemon is not listening yet (its socket file
+    appears a moment before it accepts)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return Qmp(sock)
+        except (ConnectionRefusedError, ConnectionResetError, EOFError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def serve(
+    kind: str, work: Path, spec: dict[str, Any], writable: bool
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start *kind*, add the node *spec* and export it over NBD on ``work/KIND.nbd``; the
+    process and the export's URI."""
+    proc, sock = start(kind, work)
+    try:
+        q = connect(sock)
+        q.cmd("blockdev-add", spec)
+        uri = export_nbd(q, spec["node-name"], work / f"{kind}.nbd", writable)
+        q.close()
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, uri
+
+
 def stop(proc: subprocess.Popen[bytes], wait: float = 0) -> None:
     """Give the daemon *wait* seconds to exit (after a ``quit``), then terminate it, and kill
     it if it still runs 20 s later."""
@@ -126,13 +156,13 @@ def node(name: str, path: Path, fmt: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def export_nbd(q: Qmp, node_name: str, path: Path) -> str:
-    """Export *node_name* writable over NBD on the Unix socket *path* (export id: the node
-    name); returns the URI."""
+def export_nbd(q: Qmp, node_name: str, path: Path, writable: bool = True) -> str:
+    """Export *node_name* over NBD on the Unix socket *path* (export id: the node name);
+    returns the URI."""
     q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(path)}}})
     q.cmd(
         "block-export-add",
-        {"type": "nbd", "id": node_name, "node-name": node_name, "writable": True},
+        {"type": "nbd", "id": node_name, "node-name": node_name, "writable": writable},
     )
     return f"nbd+unix:///{node_name}?socket={path}"
 

@@ -111,3 +111,55 @@ async def probe_format(graph: BlockGraph, file_options: dict[str, Any]) -> str:
         if s > score:
             best, score = drv.format_name, s
     return best
+
+
+def full_name(file_node: BlockNode | None, name: str | None) -> str | None:
+    """``full-backing-filename`` of a backing file *name* recorded in an image, or None when
+    the protocol cannot name it."""
+    if not name or file_node is None:
+        return None
+    try:
+        return sibling(file_node, name)[0]
+    except QmpError:
+        return None
+
+
+async def open_backing(
+    node: BlockNode, graph: BlockGraph, options: Any, name: str | None, fmt: str | None
+) -> bool:
+    """Attach *node*'s backing child as QEMU's bdrv_open_backing_file does: the ``backing``
+    option when given (a node name, inline options, or null for none), else the file *name*
+    the image records, next to the image on its protocol, in format *fmt* (probed when
+    None). Errors get QEMU's "Could not open backing file: " prefix.
+
+    **Returns** True when ``backing: null`` hides a name the image records.
+    """
+    from blockd.qapi.base import ArgsValidator
+    from blockd.qapi.block import BlockdevOptions
+
+    if "backing" in options.model_fields_set:
+        if options.backing is None:
+            return True
+        await _attach_backing(node, graph, options.backing)
+        return False
+    file_node = node.file
+    if not name or file_node is None:
+        return False
+    full, file_opts = sibling(file_node, name)
+    with opening_chain(chain_key(file_node), full):
+        fmt = fmt or await probe_format(graph, file_opts)
+        try:
+            ref = ArgsValidator(BlockdevOptions).validate({"driver": fmt, "file": file_opts})
+        except QmpError:
+            raise QmpError(f"Could not open backing file: Unknown driver '{fmt}'") from None
+        await _attach_backing(node, graph, ref)
+    return False
+
+
+async def _attach_backing(node: BlockNode, graph: BlockGraph, ref: Any) -> None:
+    from blockd.block.perm import ChildRole
+
+    try:
+        await graph.open_child(node, ref, "backing", ChildRole.backing(), inherit_read_only=True)
+    except QmpError as exc:
+        raise QmpError(f"Could not open backing file: {exc.desc}") from None

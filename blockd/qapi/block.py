@@ -22,6 +22,7 @@ class BlockdevDriver(QapiEnum):
     QCOW2 = "qcow2"
     RAW = "raw"
     SSH = "ssh"
+    VMDK = "vmdk"
 
 
 class BlockdevDiscardOptions(QapiEnum):
@@ -362,6 +363,14 @@ class BlockdevOptionsSsh(BlockdevOptionsBase, BlockdevOptionsSshLocation):
     driver: Literal[BlockdevDriver.SSH]
 
 
+class BlockdevOptionsVmdk(BlockdevOptionsBase):
+    """QEMU's BlockdevOptionsGenericCOWFormat, which its vmdk branch uses."""
+
+    driver: Literal[BlockdevDriver.VMDK]
+    file: BlockdevRef
+    backing: BlockdevRefOrNull | None = None
+
+
 if TYPE_CHECKING:
     BlockdevOptions: TypeAlias = (
         BlockdevOptionsBlkdebug
@@ -371,6 +380,7 @@ if TYPE_CHECKING:
         | BlockdevOptionsQcow2
         | BlockdevOptionsRaw
         | BlockdevOptionsSsh
+        | BlockdevOptionsVmdk
     )
     BlockdevRef: TypeAlias = BlockdevOptions | str
     BlockdevRefOrNull: TypeAlias = BlockdevOptions | str | None
@@ -386,6 +396,7 @@ else:
             "qcow2": BlockdevOptionsQcow2,
             "raw": BlockdevOptionsRaw,
             "ssh": BlockdevOptionsSsh,
+            "vmdk": BlockdevOptionsVmdk,
         },
     )
     BlockdevRef = alternate("BlockdevRef", {"object": BlockdevOptions, "string": str})
@@ -393,7 +404,7 @@ else:
         "BlockdevRefOrNull", {"object": BlockdevOptions, "string": str, "null": None}
     )
 
-for _m in (BlockdevOptionsRaw, BlockdevOptionsBlkdebug, BlockdevOptionsQcow2):
+for _m in (BlockdevOptionsRaw, BlockdevOptionsBlkdebug, BlockdevOptionsQcow2, BlockdevOptionsVmdk):
     _m.model_rebuild()
 
 
@@ -444,6 +455,34 @@ class BlockdevCreateOptionsSsh(BlockdevCreateOptionsBase):
     size: Size
 
 
+class BlockdevVmdkSubformat(QapiEnum):
+    MONOLITHIC_SPARSE = "monolithicSparse"
+    MONOLITHIC_FLAT = "monolithicFlat"
+    TWO_GB_MAX_EXTENT_SPARSE = "twoGbMaxExtentSparse"
+    TWO_GB_MAX_EXTENT_FLAT = "twoGbMaxExtentFlat"
+    STREAM_OPTIMIZED = "streamOptimized"
+
+
+class BlockdevVmdkAdapterType(QapiEnum):
+    IDE = "ide"
+    BUSLOGIC = "buslogic"
+    LSILOGIC = "lsilogic"
+    LEGACY_ESX = "legacyESX"
+
+
+class BlockdevCreateOptionsVmdk(BlockdevCreateOptionsBase):
+    driver: Literal[BlockdevDriver.VMDK]
+    file: BlockdevRef
+    size: Size
+    extents: list[BlockdevRef] | None = None
+    subformat: BlockdevVmdkSubformat | None = None
+    backing_file: str | None = None
+    adapter_type: BlockdevVmdkAdapterType | None = None
+    hwversion: str | None = None
+    toolsversion: str | None = None
+    zeroed_grain: bool | None = None
+
+
 def _no_create_branch(value: str) -> type[BlockdevCreateOptionsBase]:
     # Drivers without create options still parse ("Driver does not support blockdev-create"
     # comes later), as in QEMU where the union has an empty branch for them.
@@ -454,24 +493,20 @@ def _no_create_branch(value: str) -> type[BlockdevCreateOptionsBase]:
     )
 
 
+_CREATE_BRANCHES: dict[BlockdevDriver, type[BlockdevCreateOptionsBase]] = {
+    BlockdevDriver.FILE: BlockdevCreateOptionsFile,
+    BlockdevDriver.QCOW2: BlockdevCreateOptionsQcow2,
+    BlockdevDriver.SSH: BlockdevCreateOptionsSsh,
+    BlockdevDriver.VMDK: BlockdevCreateOptionsVmdk,
+}
 BlockdevCreateOptions = flat_union(
     "BlockdevCreateOptions",
     "driver",
-    {
-        d.value: (
-            BlockdevCreateOptionsFile
-            if d is BlockdevDriver.FILE
-            else BlockdevCreateOptionsQcow2
-            if d is BlockdevDriver.QCOW2
-            else BlockdevCreateOptionsSsh
-            if d is BlockdevDriver.SSH
-            else _no_create_branch(d.value)
-        )
-        for d in BlockdevDriver
-    },
+    {d.value: _CREATE_BRANCHES.get(d) or _no_create_branch(d.value) for d in BlockdevDriver},
 )
 BlockdevCreateOptionsQcow2.model_rebuild()
 BlockdevCreateOptionsSsh.model_rebuild()
+BlockdevCreateOptionsVmdk.model_rebuild()
 
 
 # -- replies ---------------------------------------------------------------------------------

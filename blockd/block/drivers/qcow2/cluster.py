@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
+from blockd.block.drivers.metacache import MetadataCache
 from blockd.block.drivers.qcow2.header import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -24,7 +25,6 @@ from blockd.block.drivers.qcow2.header import (
     OFLAG_COPIED,
     OFLAG_ZERO,
 )
-from blockd.block.drivers.qcow2.l2cache import MetadataCache
 from blockd.block.drivers.qcow2.refcount import RefcountIO, RefcountManager
 
 UNALLOCATED = 0

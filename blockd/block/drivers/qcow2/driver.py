@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockd.bitmap.dirty import bitmaps_of
 from blockd.block.driver import BlockDriver, WriteFlags, register_driver
+from blockd.block.drivers.metacache import read_zero_padded
 from blockd.block.drivers.qcow2 import compress
 from blockd.block.drivers.qcow2.bitmaps import BitmapStore
 from blockd.block.drivers.qcow2.cluster import (
@@ -65,7 +66,7 @@ from blockd.block.drivers.qcow2.header import (
 )
 from blockd.block.drivers.qcow2.refcount import RefcountManager
 from blockd.block.perm import ChildRole
-from blockd.block.probe import chain_key, opening_chain, probe_format, sibling
+from blockd.block.probe import full_name, open_backing
 from blockd.block.status import BlockStatus, Extent
 from blockd.errors import QmpError
 from blockd.io.pool import run_blocking
@@ -183,7 +184,7 @@ class Qcow2Driver(BlockDriver):
         1 GiB) fails as QEMU's request check fails it, instead of reading as zeroes."""
         if offset + nbytes > _MAX_FILE_END:
             raise OSError(errno.EIO, f"qcow2: read at {offset:#x} beyond the largest file offset")
-        return await _read_zero_padded(self.file, offset, nbytes)
+        return await read_zero_padded(self.file, offset, nbytes)
 
     async def _write_file(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags = WriteFlags.NONE
@@ -329,45 +330,12 @@ class Qcow2Driver(BlockDriver):
             )
 
     async def _open_backing(self, options: Any, graph: BlockGraph) -> None:
-        if self.backing_file_name and self.file is not None:
-            try:
-                self.full_backing_file_name = sibling(self.file, self.backing_file_name)[0]
-            except QmpError:
-                self.full_backing_file_name = None
-        if "backing" in options.model_fields_set:
-            ref = options.backing
-            if ref is None:
-                # QEMU then forgets the header's name for the node (not for the image info).
-                self._backing_null = True
-                return
-            try:
-                await graph.open_child(
-                    self.node, ref, "backing", ChildRole.backing(), inherit_read_only=True
-                )
-            except QmpError as exc:
-                raise QmpError(f"Could not open backing file: {exc.desc}") from None
-            return
-        name = self.backing_file_name
-        if not name or self.file is None:
-            return
-        full, file_opts = sibling(self.file, name)
-        from blockd.qapi.base import ArgsValidator
-        from blockd.qapi.block import BlockdevOptions
-
-        with opening_chain(chain_key(self.file), full):
-            fmt = self.backing_format or await probe_format(graph, file_opts)
-            try:
-                try:
-                    opts = ArgsValidator(BlockdevOptions).validate(
-                        {"driver": fmt, "file": file_opts}
-                    )
-                except QmpError:
-                    raise QmpError(f"Unknown driver '{fmt}'") from None
-                await graph.open_child(
-                    self.node, opts, "backing", ChildRole.backing(), inherit_read_only=True
-                )
-            except QmpError as exc:
-                raise QmpError(f"Could not open backing file: {exc.desc}") from None
+        self.full_backing_file_name = full_name(self.file, self.backing_file_name)
+        # With backing: null QEMU forgets the header's name for the node (not for the image
+        # info).
+        self._backing_null = await open_backing(
+            self.node, graph, options, self.backing_file_name, self.backing_format
+        )
 
     @property
     def backing_disabled(self) -> bool:
@@ -485,12 +453,7 @@ class Qcow2Driver(BlockDriver):
         except BaseException:
             self.backing_file_name, self.backing_format, self.full_backing_file_name = old
             raise
-        self.full_backing_file_name = None
-        if name and self.file is not None:
-            try:
-                self.full_backing_file_name = sibling(self.file, name)[0]
-            except QmpError:
-                pass
+        self.full_backing_file_name = full_name(self.file, name)
 
     async def rewrite_header(self) -> None:
         """Write cluster 0 anew from the live state and ``self.hdr.extensions`` (QEMU's
@@ -666,7 +629,7 @@ class Qcow2Driver(BlockDriver):
         back = self.node.backing
         if back is None:
             return bytes(nbytes)
-        return await _read_zero_padded(back, offset, nbytes)
+        return await read_zero_padded(back, offset, nbytes)
 
     async def _read_compressed(self, entry: int) -> bytes:
         cached = self._dcache
@@ -1339,16 +1302,3 @@ def _merge_clusters(frees: list[tuple[int, int]], cluster_bits: int) -> list[tup
         else:
             out.append((first, count))
     return out
-
-
-async def _read_zero_padded(
-    node: BlockNode, offset: int, nbytes: int
-) -> bytes | bytearray | memoryview:
-    """Read from *node*; bytes past its end read as zeroes."""
-    length = node.length
-    if offset >= length:
-        return bytes(nbytes)
-    if offset + nbytes <= length:
-        return await node.read(offset, nbytes)
-    head = await node.read(offset, length - offset)
-    return bytes(head) + bytes(nbytes - (length - offset))

@@ -20,13 +20,13 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
+from blockd.block.drivers.metacache import MetadataCache, MetadataIO
 from blockd.block.drivers.qcow2.header import (
     MAX_HOST_OFFSET,
     MAX_REFTABLE_BYTES,
     OFF_REFTABLE,
     REFT_OFFSET_MASK,
 )
-from blockd.block.drivers.qcow2.l2cache import MetadataCache, MetadataIO
 
 _STRUCT_FMT = {3: "B", 4: "H", 5: "I", 6: "Q"}
 

@@ -1,15 +1,21 @@
-"""A bounded write-back cache of cluster-sized metadata tables (QEMU's block/qcow2-cache.c).
+"""Metadata of image formats read through a file node: a bounded write-back cache of
+fixed-size tables (QEMU's block/qcow2-cache.c) and reads that see zeroes past the end of the
+file, as QEMU's block layer pads them.
 
-One instance holds L2 tables, another refcount blocks. Tables are kept as the big-endian bytes
-they have on disk, so writing one back is a plain write and nothing is converted twice.
+qcow2 keeps its L2 tables and refcount blocks in one cache each; vmdk keeps the grain tables
+and the pages of its grain directory in one per extent. Tables are kept as the bytes they have
+on disk (big-endian for qcow2, little-endian for vmdk), so writing one back is a plain write
+and nothing is converted twice.
 
-Why write-back and not write-through: a sequential write allocating 16 clusters would otherwise
-cost two extra small writes per request. Ordering is kept by a *before_writeback* hook: the L2
-cache's hook writes (and syncs) the refcount cache first, so an L2 entry never reaches the disk
-before the refcount that covers its cluster.
+Why write-back and not write-through: a sequential qcow2 write allocating 16 clusters would
+otherwise cost two extra small writes per request. Ordering is kept by a *before_writeback*
+hook: qcow2's L2 cache writes (and syncs) the refcount cache first, so an L2 entry never
+reaches the disk before the refcount that covers its cluster. A user that writes its entries
+through itself (vmdk, where QEMU updates a grain table entry on disk at once) never marks a
+table dirty and gets a plain bounded read cache.
 
-**Concurrency:** callers hold the driver's metadata lock. A table returned by :meth:`get` stays
-valid only until the next ``await`` on this cache; callers modify it and call
+**Concurrency:** callers hold their driver's metadata lock. A table returned by :meth:`get`
+stays valid only until the next ``await`` on this cache; callers modify it and call
 :meth:`mark_dirty` without awaiting in between.
 """
 
@@ -17,7 +23,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from blockd.block.node import BlockNode
 
 
 class MetadataIO(Protocol):
@@ -75,7 +84,7 @@ class MetadataCache:
 
     def mark_dirty(self, offset: int, table: bytearray) -> None:
         if self._tables.get(offset) is not table:
-            raise AssertionError(f"qcow2 cache: table {offset:#x} changed after eviction")
+            raise AssertionError(f"metadata cache: table {offset:#x} changed after eviction")
         self._dirty.add(offset)
 
     def drop(self, offset: int) -> None:
@@ -115,3 +124,18 @@ class MetadataCache:
     def clear(self) -> None:
         self._tables.clear()
         self._dirty.clear()
+
+
+async def read_zero_padded(
+    node: BlockNode, offset: int, nbytes: int
+) -> bytes | bytearray | memoryview:
+    """Read from *node*; bytes past its end read as zeroes (QEMU's block layer pads reads
+    of a protocol node past its end, and image formats rely on it for tables the file does
+    not reach)."""
+    length = node.length
+    if offset >= length:
+        return bytes(nbytes)
+    if offset + nbytes <= length:
+        return await node.read(offset, nbytes)
+    head = await node.read(offset, length - offset)
+    return bytes(head) + bytes(nbytes - (length - offset))
