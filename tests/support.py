@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,20 +50,27 @@ def qemu_io(*args: str | os.PathLike[str], check: bool = True) -> subprocess.Com
     return res
 
 
+def _listening(path: Path) -> bool:
+    """Whether a Unix socket listens at *path*, read from /proc/net/unix without connecting:
+    qemu-storage-daemon's monitor serves one client at a time, and a probe connection that
+    is still being torn down makes it drop the test's real connection."""
+    want = str(path)
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 8 and parts[7] == want and int(parts[3], 16) & 0x10000:
+                return True
+    return False
+
+
 def wait_for_socket(path: Path, proc: subprocess.Popen[Any] | None, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"daemon exited early with {proc.returncode}")
-        if path.exists():
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(str(path))
-                return
-            except OSError:
-                pass
-            finally:
-                s.close()
+        if path.exists() and _listening(path):
+            return
         time.sleep(0.02)
     raise AssertionError(f"no socket at {path}")
 
