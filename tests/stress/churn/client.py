@@ -20,7 +20,7 @@ from support import qemu_img
 from blockd.nbd import protocol as P
 from blockd.nbd.client import NbdClient, NbdConnectError
 from churn.checks import compare_bitmap, dirty_units, run_tool
-from churn.model import UNIT, ImageModel, Write, round_out, unit_data
+from churn.model import UNIT, ImageModel, Write, decode_unit, round_out, unit_data
 from churn.qmp import DaemonGone, Qmp
 
 if TYPE_CHECKING:
@@ -248,24 +248,27 @@ class Client:
         # beside it is refused (unless the job ended just before, which its event says).
         maybe = self.backup_maybe_running(self.own_node)
         refused = self.backup_running(self.own_node)
-        idle = [n for n, bm in self.own.bitmaps.items() if not bm.busy]
-        bitmaps = idle if idle and self.rng.random() < 0.6 else []
-        args = {
-            "type": "nbd",
-            "id": f"e-{self.tag}",
-            "node-name": self.own_node,
-            "writable": True,
-            "bitmaps": bitmaps,
-        }
-        r = await self.qmp.cmd("block-export-add", args)
-        if "error" in r:
-            if not maybe or not r["error"]["desc"].startswith("Permission conflict"):
-                self.anomaly(f"block-export-add {args}: {r['error']}")
-            return
+        async with self.world.lock(self.own):  # a backup starting meanwhile picks others
+            idle = [n for n, bm in self.own.bitmaps.items() if not bm.busy]
+            bitmaps = idle if idle and self.rng.random() < 0.6 else []
+            for n in bitmaps:
+                self.own.bitmaps[n].busy = True
+            args = {
+                "type": "nbd",
+                "id": f"e-{self.tag}",
+                "node-name": self.own_node,
+                "writable": True,
+                "bitmaps": bitmaps,
+            }
+            r = await self.qmp.cmd("block-export-add", args)
+            if "error" in r:
+                for n in bitmaps:
+                    self.own.bitmaps[n].busy = False
+                if not maybe or not r["error"]["desc"].startswith("Permission conflict"):
+                    self.anomaly(f"block-export-add {args}: {r['error']}")
+                return
         if refused and self.backup_running(self.own_node):
             self.anomaly(f"block-export-add {args} succeeded beside a running backup")
-        for n in bitmaps:
-            self.own.bitmaps[n].busy = True
         self.exported_bitmaps = bitmaps
         self.world.stats["export add"] += 1
         self.export = await NbdClient.connect(
@@ -428,7 +431,7 @@ class Client:
         sh = self.rng.choice(list(self.world.shared))
         img = self.world.shared[sh]
         file = {"driver": "file", "filename": str(img.path)}
-        r = self.rng.randrange(6)
+        r = self.rng.randrange(7)
         if r == 0:
             opts = {"driver": "qcow2", "node-name": sh, "file": file}
             await self.must_fail("blockdev-add", opts, "the name is taken")
@@ -442,6 +445,8 @@ class Client:
             await self.must_fail("block-export-add", args, "the id is taken")
         elif r == 4:
             await self.must_fail("job-cancel", {"id": f"{self.tag}-none"}, "there is no such job")
+        elif r == 5:
+            await self.look_through_export(sh, img)
         else:
             # A read-only look that shares writes: allowed beside the writer, and it must
             # not disturb it.
@@ -451,6 +456,31 @@ class Client:
             opts |= {"force-share": True, "file": {**ro, "force-share": True}}
             if await self.ok("blockdev-add", opts):
                 await self.ok("blockdev-del", {"node-name": name})
+
+    async def look_through_export(self, node: str, img: ImageModel) -> None:
+        """A second, read-only export of a shared node (beside its writable one): this
+        client's units read back as it last wrote them."""
+        export_id = f"r-{self.tag}"
+        args = {"type": "nbd", "id": export_id, "name": export_id, "node-name": node}
+        if not await self.ok("block-export-add", args):
+            return
+        self.world.stats["export add"] += 1
+        conn = await NbdClient.connect(("unix", str(self.world.nbd_sock)), export_id)
+        lo, n = self.region
+        start = lo + self.rng.randrange(n)
+        count = min(16, lo + n - start)
+        data = await conn.read(start * UNIT, count * UNIT)
+        await conn.disconnect()
+        now = self.tick()
+        for u in range(start, start + count):
+            allowed = img.candidates(u, now, now)
+            got = decode_unit(memoryview(data)[(u - start) * UNIT : (u - start + 1) * UNIT])
+            if None not in allowed and got not in allowed:
+                self.anomaly(f"{node} via {export_id}: unit {u * UNIT} is {got}, not {allowed}")
+                break
+        await self.ok("block-export-del", {"id": export_id, "mode": "hard"})
+        if not await self.world.export_gone(self.qmp, export_id):
+            self.anomaly(f"export {export_id} never went away")
 
 
 def create_image(path: Any, size: int, cluster: int, bitmap: str) -> None:
