@@ -35,6 +35,13 @@ async def run_backup(c: Client, job: str, node: str, img: ImageModel) -> None:
     speed = rng.choice([0, 0, 4 * MiB, 16 * MiB])
     if speed:
         args["speed"] = speed
+    # Some jobs wait for job-finalize (or a cancel while pending), some for job-dismiss.
+    manual = rng.random() < 0.2
+    keep = rng.random() < 0.2
+    if manual:
+        args["auto-finalize"] = False
+    if keep:
+        args["auto-dismiss"] = False
     target_node = None
     if kind == "blockdev-backup":
         rc, out = await run_tool("qemu-img", "create", "-q", "-f", "qcow2", path, str(img.size))
@@ -79,10 +86,21 @@ async def run_backup(c: Client, job: str, node: str, img: ImageModel) -> None:
     world.stats[f"backup {sync}"] += 1
     c.live_job = job
 
-    if sync == "none" or rng.random() < 0.25:
+    cancel = sync == "none" or rng.random() < 0.25
+    if cancel:
         await asyncio.sleep(rng.uniform(0, 0.8))
         await c.qmp.cmd("job-cancel", {"id": job})  # it may have finished meanwhile
+    if manual and not cancel:
+        ev = await c.qmp.job_pending_or_end(job, timeout=120)
+        if ev["event"] == "BLOCK_JOB_PENDING":
+            verb = rng.choice(["job-finalize", "job-finalize", "job-cancel"])
+            r = await c.qmp.cmd(verb, {"id": job})
+            world.stats[f"{verb} while pending"] += 1
+            if "error" in r:
+                c.anomaly(f"{verb} of pending {job}: {r['error']}")
     ev = await c.qmp.job_end(job, timeout=120)
+    if keep:
+        await c.ok("job-dismiss", {"id": job})
     done = ev["event"] == "BLOCK_JOB_COMPLETED" and "error" not in ev["data"]
     if "error" in ev["data"]:
         c.anomaly(f"backup {job} failed: {ev['data']['error']}")

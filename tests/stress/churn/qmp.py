@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-#: Events that end a block job.
+#: Events that end a block job, and the one that says it waits for job-finalize.
 JOB_END = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+JOB_PENDING = "BLOCK_JOB_PENDING"
 
 
 class DaemonGone(Exception):
@@ -31,9 +32,10 @@ class Qmp:
         self.internal = internal
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        #: Job end events by job id, for the jobs whose id starts with ``job_prefix``.
+        #: Job events by (kind, job id), kind "end" or "pending", for the jobs whose id
+        #: starts with ``job_prefix``.
         self.job_prefix = f"{tag}-"
-        self._job_end: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._job_events: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self.gone = False
@@ -73,22 +75,24 @@ class Qmp:
             pass
         finally:
             self.gone = True
-            for fut in [*self._pending.values(), *self._job_end.values()]:
+            for fut in [*self._pending.values(), *self._job_events.values()]:
                 if not fut.done():
                     fut.set_exception(DaemonGone(self.tag))
             self._pending.clear()
 
     def _event(self, msg: dict[str, Any]) -> None:
-        if msg["event"] not in JOB_END:
-            return
-        job = str(msg["data"].get("device", ""))
-        if job.startswith(self.job_prefix):
-            self._job_future(job).set_result(msg)
+        name = msg["event"]
+        kind = "end" if name in JOB_END else "pending" if name == JOB_PENDING else ""
+        job = str(msg["data"].get("device", msg["data"].get("id", "")))
+        if kind and job.startswith(self.job_prefix):
+            fut = self._job_future(kind, job)
+            if not fut.done():
+                fut.set_result(msg)
 
-    def _job_future(self, job: str) -> asyncio.Future[dict[str, Any]]:
-        fut = self._job_end.get(job)
+    def _job_future(self, kind: str, job: str) -> asyncio.Future[dict[str, Any]]:
+        fut = self._job_events.get((kind, job))
         if fut is None:
-            fut = self._job_end[job] = asyncio.get_running_loop().create_future()
+            fut = self._job_events[kind, job] = asyncio.get_running_loop().create_future()
         return fut
 
     async def cmd(self, execute: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -115,10 +119,17 @@ class Qmp:
 
     def ended(self, job: str) -> bool:
         """Whether the end event of *job* arrived (before any answer read after it)."""
-        fut = self._job_end.get(job)
+        fut = self._job_events.get(("end", job))
         return fut is not None and fut.done()
 
     async def job_end(self, job: str, timeout: float) -> dict[str, Any]:
         """The BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED event of *job*."""
-        fut = self._job_future(job)
-        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        return await asyncio.wait_for(asyncio.shield(self._job_future("end", job)), timeout)
+
+    async def job_pending_or_end(self, job: str, timeout: float) -> dict[str, Any]:
+        """BLOCK_JOB_PENDING of *job*, or its end event if it ended without waiting."""
+        futs = {self._job_future("pending", job), self._job_future("end", job)}
+        done, _ = await asyncio.wait(futs, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            raise TimeoutError(f"{job} neither pending nor ended")
+        return next(iter(done)).result()
