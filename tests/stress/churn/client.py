@@ -143,6 +143,7 @@ class Client:
         count = min(self.rng.choice([1, 1, 2, 3, 8, 16, 64]), lo + n - start)
         kind = self.rng.choices(["data", "zero", "trim"], [80, 15, 5])[0]
         fua = self.rng.random() < 0.1
+        check = self.rng.random() < 0.2
         value = self.world.write_id() if kind == "data" else 0 if kind == "zero" else None
         w = Write(value, start, count, self.tick(), dirties=kind != "trim", fua=fua)
         img.begin(w)
@@ -160,14 +161,21 @@ class Client:
             img.end(w, self.tick(), False)
             raise
         img.end(w, self.tick(), True)
-        if value is not None and self.rng.random() < 0.2:
+        if value is not None and check:
             got = await conn.read(off, length)
             if got != unit_data(value, count):
                 self.anomaly(f"{img.path.name}: read back of write {value} at {off} differs")
 
+    async def writes(self, img: ImageModel, conn: NbdClient, lo: int, n: int) -> None:
+        """One write, or a few at once on disjoint units (requests in flight together on one
+        connection; each unit still sees its writes one after the other)."""
+        k = 1 if self.rng.random() < 0.7 else self.rng.choice([2, 3, 4])
+        sub = n // k
+        await asyncio.gather(*(self.write(img, conn, lo + i * sub, sub) for i in range(k)))
+
     async def write_shared(self) -> None:
         name = self.rng.choice(list(self.shared))
-        await self.write(self.world.shared[name], self.shared[name], *self.region)
+        await self.writes(self.world.shared[name], self.shared[name], *self.region)
 
     async def flush_shared(self) -> None:
         name = self.rng.choice(list(self.shared))
@@ -186,7 +194,7 @@ class Client:
             elif not self.backup_maybe_running(self.own_node):
                 await self.own_del()
         elif r < 0.75:
-            await self.write(self.own, self.export, 0, self.own.units)
+            await self.writes(self.own, self.export, 0, self.own.units)
         elif r < 0.85:
             await self.verify_export()
         else:
