@@ -229,8 +229,18 @@ class Client:
             self.own_file_node = None
 
     async def qemu_io_write(self) -> None:
-        start = self.rng.randrange(self.own.units)
-        count = min(self.rng.choice([1, 4, 16, 64]), self.own.units - start)
+        """QEMU writes the closed image (its bitmaps record it); some writes compressed, whole
+        clusters, which the daemon then reads and overwrites."""
+        # QEMU compresses only into unallocated clusters: pick one nothing ever wrote.
+        per = self.own.cluster // UNIT
+        start = self.rng.randrange(self.own.units // per) * per
+        count = per
+        compressed = self.rng.random() < 0.3 and not any(
+            self.own.history[u] for u in range(start, start + count)
+        )
+        if not compressed:
+            start = self.rng.randrange(self.own.units)
+            count = min(self.rng.choice([1, 4, 16, 64]), self.own.units - start)
         value = self.world.write_id()
         src = self.world.tmp / f"{self.tag}.pattern"
         src.write_bytes(unit_data(value, count))
@@ -241,11 +251,11 @@ class Client:
             "-f",
             "qcow2",
             "-c",
-            f"write -q -s {src} {start * UNIT} {count * UNIT}",
+            f"write -q {'-c ' if compressed else ''}-s {src} {start * UNIT} {count * UNIT}",
             self.own.path,
         )
         ok = rc == 0 and not out.strip()
-        self.world.stats["qemu-io write"] += 1
+        self.world.stats["qemu-io write" + (" compressed" if compressed else "")] += 1
         self.own.end(w, self.tick(), ok)
         self.own.flushed(self.tick())
         if not ok:
@@ -275,7 +285,10 @@ class Client:
                 if not maybe or not r["error"]["desc"].startswith("Permission conflict"):
                     self.anomaly(f"block-export-add {args}: {r['error']}")
                 return
-        if refused and self.backup_running(self.own_node):
+        # The filter goes when the job finishes, before its end event: only a job still
+        # running when the command ran (the status events come first) certainly had it.
+        job = self.live_job
+        if refused and job is not None and self.qmp.job_status.get(job) == "running":
             self.anomaly(f"block-export-add {args} succeeded beside a running backup")
         self.exported_bitmaps = bitmaps
         self.world.stats["export add"] += 1

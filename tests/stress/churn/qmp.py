@@ -36,6 +36,8 @@ class Qmp:
         #: starts with ``job_prefix``.
         self.job_prefix = f"{tag}-"
         self._job_events: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        #: The last JOB_STATUS_CHANGE of each such job.
+        self.job_status: dict[str, str] = {}
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self.gone = False
@@ -81,6 +83,11 @@ class Qmp:
             self._pending.clear()
 
     def _event(self, msg: dict[str, Any]) -> None:
+        if msg["event"] == "JOB_STATUS_CHANGE":
+            data = msg["data"]
+            if str(data["id"]).startswith(self.job_prefix):
+                self.job_status[data["id"]] = data["status"]
+            return
         name = msg["event"]
         kind = "end" if name in JOB_END else "pending" if name == JOB_PENDING else ""
         job = str(msg["data"].get("device", msg["data"].get("id", "")))

@@ -68,6 +68,8 @@ class World:
         self.anomalies: list[str] = []
         self.stats: collections.Counter[str] = collections.Counter()
         self.killed = False
+        self.nwrites = 0
+        self.clients: list[Client] = []
         self.deadline = 0.0
         self._ids = itertools.count(1)
         self._locks: dict[int, asyncio.Lock] = {}
@@ -105,6 +107,7 @@ class World:
         self.anomaly(f"{what}: {''.join(traceback.format_exception(exc))}")
 
     def write_id(self) -> int:
+        self.nwrites += 1
         return next(self._ids)
 
     def lock(self, img: ImageModel) -> asyncio.Lock:
@@ -249,4 +252,4 @@ class World:
 
     def summary(self) -> str:
         top = ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items()))
-        return f"seed {self.seed}: {self.write_id() - 1} writes; {top}"
+        return f"seed {self.seed}: {self.nwrites} writes; {top}"
