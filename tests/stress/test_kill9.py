@@ -2,7 +2,9 @@
 would find them: ``qemu-img check`` sees no corruption (leaked clusters are tolerated), no
 persistent bitmap is consistent but wrong (one without the in-use flag holds every range
 written before, as the shadow record of answered writes says), and every unit of data holds
-what was last written before a flush, or something written after it.
+what was last written before a flush, or something written after it. Then a new daemon opens
+every image: the bitmaps flagged in use show as inconsistent and can be removed, the others
+as consistent, and closing leaves none in use.
 
 The default run kills a handful of churns; the slow variant kills ``BLOCKD_STRESS_KILLS``
 (default 20; the default run 3). ``BLOCKD_STRESS_SEED`` replays a seed (with

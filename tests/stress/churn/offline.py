@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from support import start_qsd
+from support import start_blockd, start_qsd
 
 from blockd.nbd.client import NbdClient
 from churn.checks import (
+    bad_log_lines,
     compare_bitmap,
     compare_data,
     dirty_units,
@@ -101,4 +102,48 @@ async def _read_through_qsd(
     finally:
         await qmp.close()
         qsd.stop()
+    return problems
+
+
+async def reopen_after_crash(tmp: Path, images: list[ImageModel]) -> list[str]:
+    """What a user does after the crash: open every image in a new daemon. A bitmap the
+    image flags in use shows as inconsistent (and can only be removed), the others as
+    consistent; closing stores the consistent ones and leaves nothing in use."""
+    problems: list[str] = []
+    before = await asyncio.gather(*(image_bitmaps(img.path) for img in images))
+    daemon = start_blockd(tmp, "--log-level", "info", name="blockd-after")
+    qmp = Qmp(daemon.sock, "after", problems)
+    try:
+        await qmp.connect()
+        for i, (img, stored) in enumerate(zip(images, before, strict=True)):
+            node = f"n{i}"
+            file = {"driver": "file", "filename": str(img.path)}
+            opts = {"driver": "qcow2", "node-name": node, "file": file}
+            r = await qmp.cmd("blockdev-add", opts)
+            if "error" in r:
+                problems.append(f"{img.path.name}: cannot open it after the crash: {r['error']}")
+                continue
+            nodes = (await qmp.cmd("query-named-block-nodes", {"flat": True}))["return"]
+            shown = next(n for n in nodes if n["node-name"] == node).get("dirty-bitmaps", [])
+            flags = {b["name"]: bool(b.get("inconsistent")) for b in shown}
+            expected = {name: "in-use" in info["flags"] for name, info in stored.items()}
+            if flags != expected:
+                problems.append(f"{img.path.name}: bitmaps {flags}, stored as {stored}")
+            for name in [n for n, bad in flags.items() if bad]:
+                r = await qmp.cmd("block-dirty-bitmap-remove", {"node": node, "name": name})
+                if "error" in r:
+                    problems.append(f"{img.path.name}: cannot remove {name}: {r['error']}")
+            r = await qmp.cmd("blockdev-del", {"node-name": node})
+            if "error" in r:
+                problems.append(f"{img.path.name}: blockdev-del after the crash: {r['error']}")
+    finally:
+        await qmp.close()
+        if daemon.stop() != 0:
+            problems.append("the daemon opened after the crash did not exit cleanly")
+    problems += [f"after the crash: {line}" for line in bad_log_lines(daemon.log_text())]
+    after = await asyncio.gather(*(image_bitmaps(img.path) for img in images))
+    for img, stored in zip(images, after, strict=True):
+        in_use = [name for name, info in stored.items() if "in-use" in info["flags"]]
+        if in_use:
+            problems.append(f"{img.path.name}: {in_use} still in use after a clean close")
     return problems

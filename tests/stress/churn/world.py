@@ -34,7 +34,7 @@ from churn.checks import (
 )
 from churn.client import Client, create_image
 from churn.model import Clock, ImageModel
-from churn.offline import verify_images
+from churn.offline import reopen_after_crash, verify_images
 from churn.qmp import Qmp
 
 MiB = 1 << 20
@@ -242,7 +242,10 @@ class World:
     async def after_kill(self) -> list[str]:
         self.daemon.proc.wait(timeout=30)
         await self.ctl.close()
-        problems = await verify_images(self.tmp, [*self.shared.values(), *self.own], crashed=True)
+        images = [*self.shared.values(), *self.own]
+        problems = await verify_images(self.tmp, images, crashed=True)
+        if not problems:
+            problems = await reopen_after_crash(self.tmp, images)
         for path, must_be_valid in self.targets.items():
             if path.exists() and must_be_valid:
                 rc, out = await image_check(path)
