@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from churn.checks import decode_unit, image_check, run_tool
-from churn.model import UNIT, BitmapModel, ImageModel
+from churn.checks import image_check, run_tool
+from churn.model import UNIT, BitmapModel, ImageModel, decode_unit
 
 if TYPE_CHECKING:
     from bitarray import bitarray
