@@ -25,14 +25,15 @@ from support import start_blockd
 DEFAULT_SEED = 90
 
 
-async def kill_runs(tmp_path: Path, seed: int, runs: int) -> None:
+async def kill_runs(tmp_path: Path, seed: int, runs: int, latest: float) -> None:
+    """*runs* churns, each killed between 1.5 s and *latest* s after it began."""
     failures = []
     for i in range(runs):
         run_seed = seed + i
         tmp = tmp_path / f"run{i}"
         tmp.mkdir()
         daemon = start_blockd(tmp, "--log-level", "info")
-        kill_after = random.Random(run_seed).uniform(2.5, 6.0)
+        kill_after = random.Random(run_seed).uniform(1.5, latest)
         world = World(tmp, daemon, run_seed, seconds=60, kill_after=kill_after)
         try:
             await world.setup()
@@ -63,9 +64,9 @@ def _runs(default: int) -> int:
 
 
 async def test_kill9_during_churn(tmp_path: Path) -> None:
-    await kill_runs(tmp_path, _seed(DEFAULT_SEED), _runs(3))
+    await kill_runs(tmp_path, _seed(DEFAULT_SEED), _runs(3), 4.5)
 
 
 @pytest.mark.slow
 async def test_kill9_during_churn_many(tmp_path: Path) -> None:
-    await kill_runs(tmp_path, _seed(None), _runs(20))
+    await kill_runs(tmp_path, _seed(None), _runs(20), 10.0)

@@ -80,6 +80,7 @@ class Qmp:
             for fut in [*self._pending.values(), *self._job_events.values()]:
                 if not fut.done():
                     fut.set_exception(DaemonGone(self.tag))
+                    fut.exception()  # nobody may wait for it any more: no warning then
             self._pending.clear()
 
     def _event(self, msg: dict[str, Any]) -> None:
