@@ -140,6 +140,12 @@ class BackupJob(BlockJob):
         #: The copy-before-write filter above the source while the job holds the graph.
         self.cbw: BlockNode | None = None
         self._cleaned = False
+        #: Copy-before-write calls in progress; once the job is over (``_dropping``) new
+        #: writes no longer copy, and the filter goes when the last call has returned.
+        self._cbw_calls = 0
+        self._cbw_idle = asyncio.Event()
+        self._cbw_idle.set()
+        self._dropping = False
 
     # -- progress (called by the copy engine) -------------------------------------------
     def _progress(self, nbytes: int) -> None:
@@ -189,10 +195,18 @@ class BackupJob(BlockJob):
     async def _cbw(self, node: BlockNode, offset: int, nbytes: int) -> None:
         """Copy-before-write: the old data must reach the target before the write proceeds;
         if that fails, the write fails (QEMU's default on-cbw-error=break-guest-write)."""
+        if self._dropping:
+            return  # the job is over: nobody needs the old data any more
+        self._cbw_calls += 1
+        self._cbw_idle.clear()
         try:
             await self.bcs.copy(offset, nbytes)
         except BlockCopyError as exc:
             raise OSError(exc.errno, strerror(exc.errno)) from exc
+        finally:
+            self._cbw_calls -= 1
+            if not self._cbw_calls:
+                self._cbw_idle.set()
 
     def describe(self) -> str:
         out = f"{self.source.node_name} -> {self.target.node_name}, sync={self.sync}"
@@ -252,6 +266,12 @@ class BackupJob(BlockJob):
         if self._cleaned:
             return
         self._cleaned = True
+        # A write inside the filter may be copying to the target right now: the filter and
+        # the target stay until it is done (QEMU drains the filter before dropping it).
+        # Writes arriving meanwhile skip the copy, so this wait is bounded.
+        self._dropping = True
+        while self._cbw_calls:
+            await self._cbw_idle.wait()
         self._unhook()
         await self.user.detach_all()
 

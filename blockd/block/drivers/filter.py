@@ -13,6 +13,7 @@ Filters are not openable with ``blockdev-add``: jobs create them with
 from __future__ import annotations
 
 import copy
+import errno
 from typing import TYPE_CHECKING, Any
 
 from blockd.block.driver import BlockDriver, WriteFlags
@@ -26,9 +27,21 @@ if TYPE_CHECKING:
 class FilterDriver(BlockDriver):
     is_filter = True
 
+    def __init__(self, node: BlockNode) -> None:
+        super().__init__(node)
+        self._below: BlockNode | None = None
+
     @property
     def child(self) -> BlockNode:
-        return self.node.children["file"].node
+        """The node below. A request that entered the filter before it was taken out
+        finishes on the node that was below it (QEMU's drained section holds such a
+        request in the parent and sends it there; the effect is the same)."""
+        edge = self.node.children.get("file")
+        if edge is not None:
+            self._below = edge.node
+        elif self._below is None:
+            raise OSError(errno.ENOMEDIUM, f"{self.node.node_name} has no child")
+        return self._below
 
     def on_inserted(self) -> None:
         """The filter now sits above its child: take the child's limits (a copy, so that a

@@ -226,6 +226,10 @@ async def _delete(ctx: Context, export_id: str, mode: BlockExportRemoveMode | No
     export = svc.exports.get(export_id)
     if export is None:
         raise QmpError(f"Export '{export_id}' is not found")
+    if export.shutting_down:
+        # Its deletion is under way (clients still disconnecting): a second one would race
+        # the first to release the export.
+        raise QmpError(f"Export '{export_id}' is already shutting down")
     if (mode or BlockExportRemoveMode.SAFE) is BlockExportRemoveMode.SAFE and export.connections:
         raise QmpError(f"export '{export_id}' still in use")
     await svc.delete(export)
