@@ -370,6 +370,12 @@ class Qcow2Driver(BlockDriver):
             except QmpError as exc:
                 raise QmpError(f"Could not open backing file: {exc.desc}") from None
 
+    def on_backing_attached(self, backing: BlockNode | None) -> None:
+        """A graph change set the backing node (snapshot, stream, ``blockdev-reopen``);
+        with none left, the header's name no longer describes the node, as after
+        ``backing: null``."""
+        self._backing_null = backing is None
+
     @property
     def backing_disabled(self) -> bool:
         """``backing: null`` hides a backing file the header names (until one is attached,

@@ -1,0 +1,248 @@
+"""block-stream against qemu-storage-daemon: each scenario runs on both daemons over the same
+images, and the event sequence (names, statuses, order, data, which came before the reply),
+the graph during and after the job (copy-on-read filter included), the image headers and the
+data must agree. Absolute checks on top make sure both are right, not only equal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from chainsupport import (
+    SIZE,
+    add_chain,
+    allocation,
+    build_chain,
+    check_clean,
+    graph,
+    headers,
+    job_events,
+    markers,
+    node_entry,
+    raw_copy,
+    settled_offset,
+)
+from diffsupport import Session, norm, run_both
+from support import needs_qsd
+
+pytestmark = needs_qsd
+
+
+def _same(res: dict[str, Any]) -> dict[str, Any]:
+    a, b = res["blockd"], res["qsd"]
+    for key in b:
+        assert a[key] == b[key], f"{key}:\nblockd {a[key]}\nqsd    {b[key]}"
+    return b
+
+
+def _chain_data(d: Path, top: str = "top") -> bytes:
+    return raw_copy(d / f"{top}.qcow2", d / f"{top}-chain.raw")
+
+
+def _reference(tmp: Path) -> dict[str, bytes]:
+    """What each chain reads before any job: the data no stream may change."""
+    d = tmp / "reference"
+    d.mkdir()
+    build_chain(d)
+    return {"top": _chain_data(d), "mid": _chain_data(d, "mid")}
+
+
+def _images(tmp: Path, ref: dict[str, bytes], alloc: str = "top") -> dict[str, Any]:
+    """After both daemons stopped (QSD keeps metadata in its caches until then): the headers,
+    *alloc*'s own allocation, each chain's data against the reference, qemu-img check."""
+    out = {}
+    for kind in ("blockd", "qsd"):
+        d = tmp / kind
+        check_clean(d)
+        for name, data in ref.items():
+            assert _chain_data(d, name) == data, f"{kind}: {name} reads different data"
+        out[kind] = {"headers": headers(d), "alloc": allocation(d / f"{alloc}.qcow2")}
+    assert out["blockd"] == out["qsd"], out
+    return out["qsd"]
+
+
+def test_stream_to_base_node_then_whole_chain(tmp_path: Path) -> None:
+    """The transcript's two streams (base-node, then everything) on a chain with data in
+    every layer, zeroed ranges and unaligned writes."""
+    ref = _reference(tmp_path)
+
+    def scenario(s: Session, d: Path) -> dict[str, Any]:
+        add_chain(s, d)
+        out: dict[str, Any] = {}
+        s.ok("block-stream", {"job-id": "st0", "device": "top", "base-node": "base"})
+        s.wait_job("st0", "null")
+        out["graph1"] = graph(s, d)
+        out["headers1"] = headers(d)
+        s.ok("block-stream", {"job-id": "st1", "device": "top"})
+        s.wait_job("st1", "null")
+        out["graph2"] = graph(s, d)
+        out["events"] = job_events(s)
+        out["markers"] = markers(s)
+        return out
+
+    got = _same(run_both(tmp_path, build_chain, scenario))
+    assert got["headers1"]["top"] == ["$DIR/base.qcow2", "qcow2"]
+    assert got["graph2"][0] == ["top", "qcow2", False, None, 0]
+    img = _images(tmp_path, ref)
+    assert img["headers"]["top"] == [None, None]
+    assert sum(run[1] for run in img["alloc"]) == SIZE  # every cluster is in top now
+
+
+def test_intermediate_stream_into_read_only_node(tmp_path: Path) -> None:
+    """device = mid (read-only, as a snapshot leaves it): reopened read-write for the job and
+    read-only again after; top keeps mid as its backing, mid now backs onto nothing."""
+    ref = _reference(tmp_path)
+
+    def scenario(s: Session, d: Path) -> dict[str, Any]:
+        add_chain(s, d, read_only=("base", "mid"))
+        s.ok("block-stream", {"job-id": "i0", "device": "mid"})
+        s.wait_job("i0", "null")
+        return {"graph": graph(s, d), "events": job_events(s)}
+
+    got = _same(run_both(tmp_path, build_chain, scenario))
+    assert ["mid", "qcow2", True, None, 0] in got["graph"]
+    img = _images(tmp_path, ref, alloc="mid")
+    assert img["headers"]["mid"] == [None, None]
+
+
+def test_graph_while_streaming_and_manual_finalize(tmp_path: Path) -> None:
+    """A throttled stream with a named filter: the copy-on-read node as query-named-block-nodes
+    shows it, query-block-jobs, set-speed, then manual finalize and dismiss."""
+
+    def scenario(s: Session, d: Path) -> dict[str, Any]:
+        add_chain(s, d)
+        s.ok(
+            "block-stream",
+            {
+                "job-id": "t0",
+                "device": "top",
+                "base-node": "base",
+                "speed": 1,
+                "filter-node-name": "cor",
+                "auto-finalize": False,
+                "auto-dismiss": False,
+            },
+        )
+        out: dict[str, Any] = {"offset": settled_offset(s, "t0")}
+        out["during"] = graph(s, d)
+        out["cor"] = node_entry(s, d, "cor")
+        out["jobs"] = norm(s.ok("query-block-jobs"), d)
+        s.ok("block-job-set-speed", {"device": "t0", "speed": 0})
+        s.wait(lambda e: e["event"] == "BLOCK_JOB_PENDING")
+        out["pending"] = graph(s, d)
+        s.ok("job-finalize", {"id": "t0"})
+        s.ok("job-dismiss", {"id": "t0"})
+        out["after"] = graph(s, d)
+        out["events"] = job_events(s)
+        out["markers"] = markers(s)
+        return out
+
+    got = _same(run_both(tmp_path, build_chain, scenario))
+    assert got["during"][0][:2] == ["cor", "copy-on-read"]
+    assert got["offset"] < SIZE
+
+
+def test_cancel_leaves_the_chain(tmp_path: Path) -> None:
+    ref = _reference(tmp_path)
+
+    def scenario(s: Session, d: Path) -> dict[str, Any]:
+        add_chain(s, d)
+        s.ok("block-stream", {"job-id": "c0", "device": "top", "speed": 1})
+        settled_offset(s, "c0")
+        s.ok("block-job-cancel", {"device": "c0"})
+        s.wait_job("c0", "null")
+        return {"graph": graph(s, d), "events": job_events(s)}
+
+    _same(run_both(tmp_path, build_chain, scenario))
+    img = _images(tmp_path, ref)
+    assert img["headers"]["top"] == ["$DIR/mid.qcow2", "qcow2"]
+
+
+def test_bottom_base_filename_and_backing_file(tmp_path: Path) -> None:
+    """``bottom``, ``base`` given as a file name, and ``backing-file`` written to the header
+    as given while the graph shows the base node's own name."""
+    ref = _reference(tmp_path)
+
+    def scenario(s: Session, d: Path) -> dict[str, Any]:
+        add_chain(s, d)
+        s.ok("block-stream", {"job-id": "b0", "device": "top", "bottom": "top"})
+        s.wait_job("b0", "null")
+        out: dict[str, Any] = {"headers0": headers(d), "graph0": graph(s, d)}
+        s.ok(
+            "block-stream",
+            {"job-id": "b1", "device": "top", "base": "base.qcow2", "backing-file": "base.qcow2"},
+        )
+        s.wait_job("b1", "null")
+        out["graph1"] = graph(s, d)
+        out["events"] = job_events(s)
+        return out
+
+    got = _same(run_both(tmp_path, build_chain, scenario))
+    assert got["graph1"][0] == ["top", "qcow2", False, "$DIR/base.qcow2", 1]
+    img = _images(tmp_path, ref)
+    assert img["headers"]["top"] == ["base.qcow2", "qcow2"]
+
+
+def test_nothing_to_stream_completes_before_the_reply(tmp_path: Path) -> None:
+    def scenario(s: Session, d: Path) -> dict[str, Any]:
+        add_chain(s, d)
+        s.ok("block-stream", {"job-id": "n0", "device": "base"})
+        return {"markers": markers(s), "events": job_events(s), "graph": graph(s, d)}
+
+    got = _same(run_both(tmp_path, build_chain, scenario))
+    assert got["markers"][-1] == "<-True"
+
+
+#: Wrong arguments, each with a fresh job id; none of them may change anything.
+ERRORS: list[dict[str, Any]] = [
+    {"device": "nonode"},
+    {"device": "top", "base-node": "nonode"},
+    {"device": "top", "base": "x", "base-node": "base"},
+    {"device": "top", "bottom": "mid", "base-node": "base"},
+    {"device": "top", "bottom": "mid", "base": "base.qcow2"},
+    {"device": "top", "base-node": "top"},
+    {"device": "mid", "base-node": "top"},
+    {"device": "top", "base-node": "top-file"},
+    {"device": "top", "backing-file": "x"},
+    {"device": "top", "bottom": "mid", "backing-file": "x"},
+    {"device": "top", "base": "nofile.qcow2"},
+    {"device": "top", "bottom": "nonode"},
+    {"device": "mid", "bottom": "top"},
+    {"device": "top", "bottom": "base-file"},
+    {"device": "top", "filter-node-name": "base"},
+    {"device": "top", "filter-node-name": "1bad"},
+    {"device": "top", "filter-node-name": "x" * 40},
+    {"device": "top", "on-error": "bogus"},
+    {"device": "top", "speed": "fast"},
+    {"device": "top", "job-id": ""},
+    {"device": "top", "job-id": "1x"},
+    {"device": "top", "unknown": 1},
+    {"device": "top", "speed": -1},
+]
+
+
+def test_wrong_arguments_and_busy_nodes(tmp_path: Path) -> None:
+    def scenario(s: Session, d: Path) -> dict[str, Any]:
+        add_chain(s, d)
+        before = graph(s, d)
+        out: dict[str, Any] = {}
+        for i, args in enumerate(ERRORS):
+            r = s.cmd("block-stream", {"job-id": f"e{i}", **args})
+            out[f"{i} {args}"] = norm(r.get("error", r), d)
+        out["no-job-id"] = s.cmd("block-stream", {"device": "top"}).get("error")
+        assert graph(s, d) == before
+        # A running stream makes its nodes busy for other streams and for blockdev-del.
+        s.ok("block-stream", {"job-id": "run", "device": "top", "base-node": "base", "speed": 1})
+        for args in ({"device": "top"}, {"device": "mid"}, {"device": "top", "job-id": "run"}):
+            r = s.cmd("block-stream", {"job-id": "again", **args})
+            out[f"busy {args}"] = r.get("error", r)
+        for node in ("top", "mid", "base"):
+            out[f"del {node}"] = s.cmd("blockdev-del", {"node-name": node}).get("error")
+        s.ok("block-job-cancel", {"device": "run"})
+        s.wait_job("run", "null")
+        out["events"] = job_events(s)
+        out["after"] = graph(s, d)
+        return out
+
+    got = _same(run_both(tmp_path, build_chain, scenario))
+    assert sum(1 for k, v in got.items() if k[0].isdigit() and "class" in v) >= 20
