@@ -13,11 +13,11 @@ cor_open does, so no graph change can remove an image the job still copies from.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from blockd.block.driver import register_driver
 from blockd.block.drivers.filter import FilterDriver
+from blockd.block.jsonname import json_name, open_options
 from blockd.block.perm import ChildRole, Perm
 from blockd.block.status import BlockStatus
 
@@ -89,17 +89,4 @@ class CopyOnReadDriver(FilterDriver):
 
     def filename(self) -> str:
         # A filter cannot be probed, so QEMU names it by its options (bdrv_refresh_filename).
-        return "json:" + json.dumps({"driver": self.format_name, "file": open_options(self.child)})
-
-
-def open_options(node: BlockNode) -> dict[str, Any]:
-    """The options that reopen *node* as it is (QEMU's full_open_options): a json: name's
-    own options, else the driver over its file, down to the protocol's filename."""
-    name = node.filename
-    if name.startswith("json:"):
-        opts: dict[str, Any] = json.loads(name[5:])
-        return opts
-    below = node.file
-    if below is not None and below is not node:
-        return {"driver": node.drv, "file": open_options(below)}
-    return {"driver": node.drv, "filename": name}
+        return json_name({"driver": self.format_name, "file": open_options(self.child)})
