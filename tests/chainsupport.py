@@ -53,6 +53,15 @@ def add_chain(s: Session, d: Path, read_only: tuple[str, ...] = ()) -> None:
         below = name
 
 
+def same_on_both(res: dict[str, Any]) -> dict[str, Any]:
+    """The result of a run_both scenario once every key is the same on both daemons (the
+    first difference fails the test, both values shown)."""
+    a, b = res["blockd"], res["qsd"]
+    for key in b:
+        assert a[key] == b[key], f"{key}:\nblockd {a[key]}\nqsd    {b[key]}"
+    return dict(b)
+
+
 def raw_copy(path: Path, out: Path) -> bytes:
     """What the chain at *path* reads, as bytes (qemu-img convert, shared locks)."""
     qemu_img("convert", "-U", "-O", "raw", path, out)
@@ -60,11 +69,13 @@ def raw_copy(path: Path, out: Path) -> bytes:
 
 
 def graph(s: Session, d: Path) -> list[list[Any]]:
-    """Which node backs which: name, driver, read-only, backing_file, depth, newest first."""
+    """Which node backs which: name, driver, read-only, backing_file, depth, newest first.
+    Generated names (``#blockNNN``, random in both daemons) read ``#block``."""
     out = []
     for n in s.ok("query-named-block-nodes"):
         depth = n["backing_file_depth"]
-        out.append([n["node-name"], n["drv"], n["ro"], n.get("backing_file"), depth])
+        name = "#block" if n["node-name"].startswith("#block") else n["node-name"]
+        out.append([name, n["drv"], n["ro"], n.get("backing_file"), depth])
     return list(norm(out, d))
 
 

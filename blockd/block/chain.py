@@ -108,7 +108,8 @@ def swap_backing(
         return None
     if old is not None and old.frozen:
         raise QmpError(
-            f"Cannot change '{old.name}' link from '{node.node_name}' to '{old.node.node_name}'"
+            f"Cannot change frozen '{old.name}' link from '{node.node_name}' to "
+            f"'{old.node.node_name}'"
         )
     if new is not None and not node.driver.supports_backing:
         raise QmpError(

@@ -577,16 +577,16 @@ class BlockNode:
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         self._check_write()
-        old = self.length
         # Only the requests in flight here are waited for: formats grow their file from
         # inside a request, so a drained section (which waits for the parents too) would
         # wait for the caller itself. block_resize quiesces the graph around this call.
         await self.drain()
         await self.driver.truncate(size, exact, prealloc)
+        # Bitmaps follow the new length here, not on every write, and a new tail starts
+        # clean: it reads as zeroes, nothing there has changed (QEMU's
+        # bdrv_dirty_bitmap_truncate; a truncate request sets no dirty bits).
         for bm in self.dirty_bitmaps:
-            bm.resize(self.length)  # here, not on every write (QEMU's bdrv_dirty_bitmap_truncate)
-        if size > old:
-            self._mark_dirty(old, size - old)
+            bm.resize(self.length)
 
     async def _run_hooks(self, offset: int, nbytes: int) -> None:
         for hook in list(self.before_write_hooks):
