@@ -5,6 +5,7 @@ data must agree. Absolute checks on top make sure both are right, not only equal
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +21,13 @@ from chainsupport import (
     markers,
     node_entry,
     raw_copy,
+    same_on_both,
     settled_offset,
 )
-from diffsupport import Session, norm, run_both
-from support import needs_qsd
+from diffsupport import Session, norm, qcow2_node, run_both
+from support import needs_qsd, qemu_img
 
 pytestmark = needs_qsd
-
-
-def _same(res: dict[str, Any]) -> dict[str, Any]:
-    a, b = res["blockd"], res["qsd"]
-    for key in b:
-        assert a[key] == b[key], f"{key}:\nblockd {a[key]}\nqsd    {b[key]}"
-    return b
 
 
 def _chain_data(d: Path, top: str = "top") -> bytes:
@@ -80,7 +75,7 @@ def test_stream_to_base_node_then_whole_chain(tmp_path: Path) -> None:
         out["markers"] = markers(s)
         return out
 
-    got = _same(run_both(tmp_path, build_chain, scenario))
+    got = same_on_both(run_both(tmp_path, build_chain, scenario))
     assert got["headers1"]["top"] == ["$DIR/base.qcow2", "qcow2"]
     assert got["graph2"][0] == ["top", "qcow2", False, None, 0]
     img = _images(tmp_path, ref)
@@ -99,7 +94,7 @@ def test_intermediate_stream_into_read_only_node(tmp_path: Path) -> None:
         s.wait_job("i0", "null")
         return {"graph": graph(s, d), "events": job_events(s)}
 
-    got = _same(run_both(tmp_path, build_chain, scenario))
+    got = same_on_both(run_both(tmp_path, build_chain, scenario))
     assert ["mid", "qcow2", True, None, 0] in got["graph"]
     img = _images(tmp_path, ref, alloc="mid")
     assert img["headers"]["mid"] == [None, None]
@@ -127,8 +122,12 @@ def test_graph_while_streaming_and_manual_finalize(tmp_path: Path) -> None:
         out["during"] = graph(s, d)
         out["cor"] = node_entry(s, d, "cor")
         out["jobs"] = norm(s.ok("query-block-jobs"), d)
+        speed = {"device": "t0", "speed": -1}
+        out["bad speed"] = s.cmd("block-job-set-speed", speed).get("error")
+        out["no job"] = s.cmd("block-job-set-speed", {**speed, "device": "t9"}).get("error")
         s.ok("block-job-set-speed", {"device": "t0", "speed": 0})
         s.wait(lambda e: e["event"] == "BLOCK_JOB_PENDING")
+        out["late speed"] = s.cmd("block-job-set-speed", {**speed, "speed": 5}).get("error")
         out["pending"] = graph(s, d)
         s.ok("job-finalize", {"id": "t0"})
         s.ok("job-dismiss", {"id": "t0"})
@@ -137,7 +136,7 @@ def test_graph_while_streaming_and_manual_finalize(tmp_path: Path) -> None:
         out["markers"] = markers(s)
         return out
 
-    got = _same(run_both(tmp_path, build_chain, scenario))
+    got = same_on_both(run_both(tmp_path, build_chain, scenario))
     assert got["during"][0][:2] == ["cor", "copy-on-read"]
     assert got["offset"] < SIZE
 
@@ -153,7 +152,7 @@ def test_cancel_leaves_the_chain(tmp_path: Path) -> None:
         s.wait_job("c0", "null")
         return {"graph": graph(s, d), "events": job_events(s)}
 
-    _same(run_both(tmp_path, build_chain, scenario))
+    same_on_both(run_both(tmp_path, build_chain, scenario))
     img = _images(tmp_path, ref)
     assert img["headers"]["top"] == ["$DIR/mid.qcow2", "qcow2"]
 
@@ -177,7 +176,7 @@ def test_bottom_base_filename_and_backing_file(tmp_path: Path) -> None:
         out["events"] = job_events(s)
         return out
 
-    got = _same(run_both(tmp_path, build_chain, scenario))
+    got = same_on_both(run_both(tmp_path, build_chain, scenario))
     assert got["graph1"][0] == ["top", "qcow2", False, "$DIR/base.qcow2", 1]
     img = _images(tmp_path, ref)
     assert img["headers"]["top"] == ["base.qcow2", "qcow2"]
@@ -189,7 +188,7 @@ def test_nothing_to_stream_completes_before_the_reply(tmp_path: Path) -> None:
         s.ok("block-stream", {"job-id": "n0", "device": "base"})
         return {"markers": markers(s), "events": job_events(s), "graph": graph(s, d)}
 
-    got = _same(run_both(tmp_path, build_chain, scenario))
+    got = same_on_both(run_both(tmp_path, build_chain, scenario))
     assert got["markers"][-1] == "<-True"
 
 
@@ -231,6 +230,13 @@ def test_wrong_arguments_and_busy_nodes(tmp_path: Path) -> None:
             out[f"{i} {args}"] = norm(r.get("error", r), d)
         out["no-job-id"] = s.cmd("block-stream", {"device": "top"}).get("error")
         assert graph(s, d) == before
+        # A writer on an image the job would copy from: refused once the job exists.
+        s.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(d / "n.sock")}}})
+        s.ok("block-export-add", {"type": "nbd", "id": "x", "node-name": "mid", "writable": True})
+        out["writer on mid"] = s.cmd("block-stream", {"job-id": "w", "device": "top"}).get("error")
+        s.ok("block-export-del", {"id": "x"})
+        s.ok("nbd-server-stop")
+        assert graph(s, d) == before
         # A running stream makes its nodes busy for other streams and for blockdev-del.
         s.ok("block-stream", {"job-id": "run", "device": "top", "base-node": "base", "speed": 1})
         for args in ({"device": "top"}, {"device": "mid"}, {"device": "top", "job-id": "run"}):
@@ -244,5 +250,65 @@ def test_wrong_arguments_and_busy_nodes(tmp_path: Path) -> None:
         out["after"] = graph(s, d)
         return out
 
-    got = _same(run_both(tmp_path, build_chain, scenario))
+    got = same_on_both(run_both(tmp_path, build_chain, scenario))
     assert sum(1 for k, v in got.items() if k[0].isdigit() and "class" in v) >= 20
+    assert got["writer on mid"]["desc"].startswith("Permission conflict on node 'mid'")
+
+
+def _failing_mid(d: Path, once: bool) -> dict[str, Any]:
+    """mid behind blkdebug: reads of one of its data clusters fail with EIO (the first one
+    only, with *once*); its metadata reads do not."""
+    res = qemu_img("map", "-U", "--output=json", d / "mid.qcow2")
+    host = next(e["offset"] for e in json.loads(res.stdout) if e["depth"] == 0 and e["data"])
+    rule = {"event": "read_aio", "errno": 5, "once": once, "sector": host // 512 + 8}
+    return {
+        "driver": "qcow2",
+        "node-name": "mid",
+        "backing": "base",
+        "file": {
+            "driver": "blkdebug",
+            "node-name": "mid-dbg",
+            "inject-error": [rule],
+            "image": {"driver": "file", "filename": str(d / "mid.qcow2"), "node-name": "mid-file"},
+        },
+    }
+
+
+def test_error_policies(tmp_path: Path) -> None:
+    """on-error report, ignore and stop (with resume) when reading an intermediate image
+    fails: BLOCK_JOB_ERROR, the job's end, and whether the backing changed."""
+
+    def scenario(s: Session, d: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        s.ok("blockdev-add", qcow2_node("base", d / "base.qcow2"))
+        for policy, once in (("report", False), ("ignore", False), ("stop", True)):
+            s.ok("blockdev-add", _failing_mid(d, once))
+            top = qcow2_node("top", d / "top.qcow2")
+            s.ok("blockdev-add", {**top, "backing": "mid"})
+            s.ok("block-stream", {"job-id": policy, "device": "top", "on-error": policy})
+            if policy == "stop":
+                s.wait(lambda e: e["event"] == "BLOCK_JOB_ERROR")
+                s.wait_job(policy, "paused")
+                out["stopped"] = [
+                    {k: j[k] for k in ("io-status", "paused", "status")}
+                    for j in s.ok("query-block-jobs")
+                ]
+                s.ok("block-job-resume", {"device": policy})
+            s.wait_job(policy, "null")
+            # How deep each chain is (names of blkdebug nodes differ between the two).
+            out[f"depth {policy}"] = {n[0]: n[4] for n in graph(s, d) if n[0][0] != "#"}
+            s.ok("blockdev-del", {"node-name": "top"})
+            s.ok("blockdev-del", {"node-name": "mid"})
+        out["events"] = job_events(s)
+        for e in out["events"]:
+            # Where a failed job stopped: QSD copies one chunk at a time, blockd several, so
+            # blockd has done more of the disk when the failure ends the job.
+            if e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["offset"] < e["data"]["len"]:
+                e["data"]["offset"] = "part"
+        return out
+
+    got = same_on_both(run_both(tmp_path, build_chain, scenario))
+    assert got["depth report"]["top"] == 2 and got["depth ignore"]["top"] == 2
+    assert got["depth stop"]["top"] == 0
+    actions = [e["data"]["action"] for e in got["events"] if e["event"] == "BLOCK_JOB_ERROR"]
+    assert actions[-1] == "stop"
