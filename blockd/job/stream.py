@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BLOCKER = "block device is in use by block job: stream"
+#: Copied bytes after which the device is flushed in the background: the final flush before
+#: the header names the new backing then has little left to write, so the disk works while
+#: the copy goes on instead of after it.
+WRITEBACK_EVERY = 64 * 1024 * 1024
 #: What the job lets others do with the node it streams into, and with the images it
 #: streams from (QEMU's basic_flags): nobody resizes either, nobody writes the images below.
 _BASIC = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
@@ -102,6 +106,8 @@ class StreamJob(BlockJob):
         self.reopened_rw = False
         self.first_error = 0
         self._cleaned = False
+        self._unflushed = 0
+        self._writeback: asyncio.Task[None] | None = None
 
     @property
     def nothing_to_stream(self) -> bool:
@@ -158,7 +164,8 @@ class StreamJob(BlockJob):
             p.device, p.bottom.cow_backing(), cor.driver.populate, on_ignored=self._ignored
         )
         bcs.copy_bitmap.set_all()
-        bcs.on_progress = bcs.on_skip = self._progress
+        bcs.on_progress = self._copied
+        bcs.on_skip = self._progress
         bcs.on_task = self.account  # only copies count against the speed limit
         while True:
             try:
@@ -177,6 +184,28 @@ class StreamJob(BlockJob):
     def _progress(self, nbytes: int) -> None:
         self.progress_current += nbytes
 
+    def _copied(self, nbytes: int) -> None:
+        self.progress_current += nbytes
+        self._unflushed += nbytes
+        if self._unflushed >= WRITEBACK_EVERY and self._writeback is None:
+            self._unflushed = 0
+            self._writeback = asyncio.create_task(self._flush_behind())
+
+    async def _flush_behind(self) -> None:
+        """Write back what was copied so far; a failure here is only logged, the flush
+        before the backing change reports it."""
+        try:
+            await self.plan.device.flush()
+        except OSError as exc:
+            log.warning("stream %s: background flush failed: %s", self.id, exc)
+        finally:
+            self._writeback = None
+
+    async def _writeback_done(self) -> None:
+        task = self._writeback
+        if task is not None:
+            await asyncio.wait({task})
+
     def _ignored(self, err: int) -> bool:
         """``on-error`` for one failed copy: only ``ignore`` goes on past it (the others end
         the run, where :meth:`run` applies them once)."""
@@ -191,6 +220,7 @@ class StreamJob(BlockJob):
         """Success: drop the filter, then make the base the device's backing, in the graph
         and in the image header (QEMU's stream_prepare)."""
         p = self.plan
+        await self._writeback_done()
         node = p.device.skip_filters()
         had_backing = node.cow_backing() is not None
         self._drop_filter()
@@ -215,6 +245,7 @@ class StreamJob(BlockJob):
         if self._cleaned:
             return
         self._cleaned = True
+        await self._writeback_done()
         self._drop_filter()
         for node in (self.plan.device, *[e.node for e in self.user.edges]):
             node.blockers.pop(self, None)

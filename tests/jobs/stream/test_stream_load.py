@@ -43,8 +43,19 @@ async def test_guest_never_reads_stale_data(tmp_path: Path) -> None:
                     "node-name": f"top-{seed}",
                 }
                 await qmp.execute("block-export-add", {**export, "writable": True})
+                # Seeds to cancel run slower, so that the cancel mostly finds the job busy.
+                cancel = seed % 3 == 2
+                speed = SPEED // 32 if cancel else SPEED
                 res = await run_seed(
-                    qmp, events, d, nbd, seed, shadow, speed=SPEED, cancel=seed % 3 == 2
+                    qmp,
+                    events,
+                    d,
+                    nbd,
+                    seed,
+                    shadow,
+                    speed=speed,
+                    cancel=cancel,
+                    cancel_within=0.3,
                 )
                 assert not res.errors, (seed, res.errors[:3])
                 results.append(res)
@@ -56,6 +67,8 @@ async def test_guest_never_reads_stale_data(tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
     print([(r.seed, r.event[10:], r.ops, r.checked, round(r.seconds, 2)) for r in results])
+    # Guest reads copy clusters up too, so a cancel may find the job already done: either
+    # ending is checked the same way below.
     assert sum(r.event == "BLOCK_JOB_CANCELLED" for r in results) >= 2
     assert all(r.checked > 20 for r in results), "the guest must be busy during every job"
     assert sum(r.ops for r in results) > 2000
