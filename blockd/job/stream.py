@@ -40,8 +40,8 @@ from blockd.block.drivers.cor import CopyOnReadDriver
 from blockd.block.node import BlockNode, BlockUser
 from blockd.block.perm import Perm, perm_update
 from blockd.block.snapshot import reopen_read_only
-from blockd.copy.block_copy import DEFAULT_WORKERS, BlockCopyError
-from blockd.copy.stream_copy import StreamCopy
+from blockd.copy.block_copy import BlockCopyError
+from blockd.copy.stream_copy import WORKERS, StreamCopy
 from blockd.errors import QmpError, strerror
 from blockd.job.blockjob import BlockJob
 from blockd.qapi.job import BlockdevOnError, JobType
@@ -169,7 +169,7 @@ class StreamJob(BlockJob):
         bcs.on_task = self.account  # only copies count against the speed limit
         while True:
             try:
-                await bcs.run(0, bcs.len, max_workers=DEFAULT_WORKERS, pacer=self)
+                await bcs.run(0, bcs.len, max_workers=WORKERS, pacer=self)
                 break
             except BlockCopyError as exc:
                 action = self.error_action(True, exc.errno)

@@ -162,9 +162,12 @@ async def run_seed(
     cancel: bool,
     cancel_within: float = 0.15,
     lanes: int = 8,
+    base: str | None = "random",
 ) -> SeedResult:
     """One stream of the chain in *d* (already added with tag ``-{seed}``, top exported as
-    ``s{seed}``) under the guest; optionally cancelled at a random moment."""
+    ``s{seed}``) under the guest; optionally cancelled at a random moment. *base*: how far
+    down it copies, ``base-node``, ``bottom`` or None (the whole chain); by default chosen
+    by the seed."""
     rng = random.Random(seed)
     tag, job = f"-{seed}", f"j{seed}"
     guest = Guest(bytearray(shadow), lanes)
@@ -177,7 +180,7 @@ async def run_seed(
         for i, c in enumerate(clients[:lanes])
     ]
     args: dict[str, Any] = {"job-id": job, "device": f"top{tag}", "speed": speed}
-    which = rng.choice(["base-node", "bottom", None])
+    which = rng.choice(["base-node", "bottom", None]) if base == "random" else base
     if which == "base-node":
         args["base-node"] = f"base{tag}"
     elif which == "bottom":

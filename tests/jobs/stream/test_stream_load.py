@@ -1,8 +1,8 @@
 """Streams under a guest: eight NBD clients rewrite and read back random 4 KiB blocks of the
 disk (sub-cluster writes, write-zeroes, reads of never-written data) while the job copies the
 chain up, and every read must show exactly what the disk holds. Twenty seeds, a third of them
-cancelled at a random moment; afterwards each chain must pass qemu-img check and read, off
-line, what the guest last saw. scripts/stream_guest.py runs the same at 1 GiB."""
+cancelled at a random moment in their first 0.3 s; afterwards each chain must pass qemu-img
+check and read, off line, what the guest last saw. scripts/stream_guest.py does it at 1 GiB."""
 
 from __future__ import annotations
 
@@ -43,9 +43,10 @@ async def test_guest_never_reads_stale_data(tmp_path: Path) -> None:
                     "node-name": f"top-{seed}",
                 }
                 await qmp.execute("block-export-add", {**export, "writable": True})
-                # Seeds to cancel run slower, so that the cancel mostly finds the job busy.
+                # A seed to cancel streams the whole chain, copies one chunk and then sleeps
+                # (1 byte/s): the cancel always meets a running job, while the guest's reads
+                # go on copying up.
                 cancel = seed % 3 == 2
-                speed = SPEED // 32 if cancel else SPEED
                 res = await run_seed(
                     qmp,
                     events,
@@ -53,9 +54,10 @@ async def test_guest_never_reads_stale_data(tmp_path: Path) -> None:
                     nbd,
                     seed,
                     shadow,
-                    speed=speed,
+                    speed=1 if cancel else SPEED,
                     cancel=cancel,
                     cancel_within=0.3,
+                    base=None if cancel else "random",
                 )
                 assert not res.errors, (seed, res.errors[:3])
                 results.append(res)
@@ -67,11 +69,10 @@ async def test_guest_never_reads_stale_data(tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
     print([(r.seed, r.event[10:], r.ops, r.checked, round(r.seconds, 2)) for r in results])
-    # Guest reads copy clusters up too, so a cancel may find the job already done: either
-    # ending is checked the same way below.
-    assert sum(r.event == "BLOCK_JOB_CANCELLED" for r in results) >= 2
-    assert all(r.checked > 20 for r in results), "the guest must be busy during every job"
-    assert sum(r.ops for r in results) > 2000
+    cancelled = [r.seed for r in results if r.event == "BLOCK_JOB_CANCELLED"]
+    assert cancelled == [seed for seed in range(SEEDS) if seed % 3 == 2]
+    # The guest was busy during every job (how busy depends on the machine's load).
+    assert all(r.checked > 0 for r in results) and sum(r.checked for r in results) > 1000
     for r in results:
         d = tmp_path / f"seed{r.seed}"
         for name in ("base", "mid", "top"):
