@@ -192,10 +192,14 @@ class StreamJob(BlockJob):
             self._writeback = asyncio.create_task(self._flush_behind())
 
     async def _flush_behind(self) -> None:
-        """Write back what was copied so far; a failure here is only logged, the flush
-        before the backing change reports it."""
+        """Write back the data copied so far; a failure here is only logged, the flush
+        before the backing change reports it. The protocol node below a format is flushed
+        directly: a format's own flush writes its metadata under its lock, which would hold
+        up every copy while the disk works."""
+        node = self.plan.device
+        target = node.file if node.file is not None and node.driver.is_format else node
         try:
-            await self.plan.device.flush()
+            await target.flush()
         except OSError as exc:
             log.warning("stream %s: background flush failed: %s", self.id, exc)
         finally:
