@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ZERO = bytes(1024 * 1024)
+#: Largest piece a copy-on-read request reads and writes at once (bounds its buffer).
+_COR_PIECE = 4 * 1024 * 1024
 
 #: Set while a task works inside the graph: a node's driver calling its children, or the
 #: code that holds a drained section. Such requests pass quiesced nodes (QEMU stops only
@@ -427,6 +429,72 @@ class BlockNode:
             out[pos : pos + n] = await self.driver.preadv(offset + pos, n)
         return out
 
+    async def copy_on_read(
+        self, offset: int, nbytes: int, *, prefetch: bool = False, zero: bool = False
+    ) -> bytes | bytearray | memoryview:
+        """Read *nbytes* at *offset* and store what this node does not allocate itself (the
+        backing chain's data) in this node (QEMU's BDRV_REQ_COPY_ON_READ, used by the stream
+        job's copy-on-read filter).
+
+        The whole range, widened to clusters, is one serialising request: overlapping guest
+        writes wait for it and it waits for those in flight, and the allocation check is made
+        inside it. So stale backing data can never overwrite a guest write, and a range a
+        guest has written meanwhile is left alone. The copy is the same data the guest
+        already reads, so it marks no dirty bitmap and passes no write hook (QEMU's
+        BDRV_REQ_WRITE_UNCHANGED). *prefetch*: only populate, return nothing. *zero*: the
+        caller knows the chain reads zeroes here, so nothing needs to be read.
+
+        **Raises** OSError from the driver.
+        """
+        self._check(offset, nbytes)
+        self._check_write()
+        if nbytes == 0:
+            return b""
+        cs = max(getattr(self.driver, "cluster_size", 0) or 0, self.driver.limits.request_alignment)
+        start = offset - offset % cs
+        end = min(-(-(offset + nbytes) // cs) * cs, self.length)
+        out = None if prefetch else bytearray(nbytes)
+        req = await self._begin(start, end, False, True)
+        try:
+            pos = start
+            while pos < end:
+                ext = await self.block_status(pos, min(end - pos, _COR_PIECE))
+                n = ext.length
+                if ext.flags & BlockStatus.ALLOCATED:
+                    if out is None:
+                        pos += n
+                        continue
+                    data = await self.read_untracked(pos, n)
+                else:
+                    data = await self._populate(pos, n, zero, out is not None)
+                if out is not None:
+                    lo, hi = max(pos, offset), min(pos + n, offset + nbytes)
+                    if lo < hi:
+                        out[lo - offset : hi - offset] = memoryview(data)[lo - pos : hi - pos]
+                pos += n
+        finally:
+            self._end(req)
+        return b"" if out is None else out
+
+    async def _populate(
+        self, pos: int, n: int, zero: bool, want: bool
+    ) -> bytes | bytearray | memoryview:
+        """One unallocated piece of :meth:`copy_on_read`: read it through the backing chain
+        and write it here, as zeroes when it reads as zeroes (keeps qcow2 overlays sparse).
+        Returns the data when *want*."""
+        if zero:
+            await self.driver.pwrite_zeroes(pos, n, WriteFlags.NONE)
+            return bytes(n) if want else b""
+        data = await self.read_untracked(pos, n)
+        if is_zero(data):
+            await self.driver.pwrite_zeroes(pos, n, WriteFlags.NONE)
+            return data
+        mv = memoryview(data).cast("B")
+        maxt = self.driver.limits.max_transfer or n
+        for p in range(0, n, maxt):
+            await self.driver.pwritev(pos + p, mv[p : p + maxt], WriteFlags.NONE)
+        return data
+
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags = WriteFlags.NONE
     ) -> None:
@@ -512,16 +580,16 @@ class BlockNode:
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         self._check_write()
-        old = self.length
         # Only the requests in flight here are waited for: formats grow their file from
         # inside a request, so a drained section (which waits for the parents too) would
         # wait for the caller itself. block_resize quiesces the graph around this call.
         await self.drain()
         await self.driver.truncate(size, exact, prealloc)
+        # Bitmaps follow the new length here, not on every write, and a new tail starts
+        # clean: it reads as zeroes, nothing there has changed (QEMU's
+        # bdrv_dirty_bitmap_truncate; a truncate request sets no dirty bits).
         for bm in self.dirty_bitmaps:
-            bm.resize(self.length)  # here, not on every write (QEMU's bdrv_dirty_bitmap_truncate)
-        if size > old:
-            self._mark_dirty(old, size - old)
+            bm.resize(self.length)
 
     async def _run_hooks(self, offset: int, nbytes: int) -> None:
         for hook in list(self.before_write_hooks):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from blockd.block.chain import chain_nodes, filter_or_cow
 from blockd.block.node import BlockNode
 
 
@@ -17,7 +18,9 @@ def image_info(node: BlockNode, flat: bool) -> dict[str, Any]:
     if actual is not None:
         info["actual-size"] = actual
     info.update(node.driver.image_info())
-    back = node.backing
+    # QEMU follows a filter's child here as it follows a backing link (the job filters show
+    # the image below them as their backing image).
+    back = filter_or_cow(node)
     if back is not None and not flat:
         info["backing-image"] = image_info(back, flat)
     return info
@@ -47,7 +50,7 @@ def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
         out["backing_file"] = backing_name
     out.update(
         {
-            "backing_file_depth": 0 if flat else len(node.backing_chain()) - 1,
+            "backing_file_depth": 0 if flat else len(chain_nodes(node)) - 1,
             "encrypted": False,
             "detect_zeroes": node.detect_zeroes,
             "bps": 0,

@@ -17,7 +17,7 @@ from typing import Any
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
-from blockd.block.perm import ChildRole, perm_update, refresh
+from blockd.block.perm import ChildRole, Perm, perm_update, refresh
 from blockd.errors import QmpError
 from blockd.qapi.base import ArgsValidator
 from blockd.qapi.block import BlockdevCreateOptions, BlockdevOptions
@@ -48,6 +48,18 @@ async def reopen_read_only(node: BlockNode, read_only: bool) -> None:
     collect(node)
     if not nodes:
         return
+    if read_only:
+        # A writer from outside the nodes being switched keeps them read-write (QEMU's
+        # check in bdrv_node_refresh_perm, with its text naming the node).
+        for n in nodes:
+            outside = Perm(0)
+            for edge in n.parents:
+                if edge.parent not in nodes:
+                    outside |= edge.perm
+            if outside & (Perm.WRITE | Perm.WRITE_UNCHANGED):
+                raise QmpError(
+                    f"Read-only block node '{n.node_name}' cannot support read-write users"
+                )
     order = nodes if read_only else list(reversed(nodes))
     done: list[BlockNode] = []
     try:

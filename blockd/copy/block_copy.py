@@ -178,19 +178,9 @@ class BlockCopy:
         whole clusters (a sub-cluster answer is treated as data, as QEMU does)."""
         cs = self.cluster_size
         try:
-            if self.skip_unallocated:
-                # The top layer alone: where it allocates, the whole chain's answer is its
-                # answer (block_status_above would only ask it again).
-                ext = await self.source.block_status(offset, nbytes)
-            else:
-                ext = await self.source.block_status_above(offset, nbytes, None)
-            length = ext.length
+            kind, length = await self._classify(offset, nbytes)
         except OSError:
             return "data", min(nbytes, cs)
-        if self.skip_unallocated and not ext.flags & (BlockStatus.ALLOCATED | BlockStatus.EOF):
-            kind = "skip"
-        else:
-            kind = "zero" if ext.flags & BlockStatus.ZERO else "data"
         if length <= 0:
             return "data", min(nbytes, cs)
         if offset + length < self.len:
@@ -198,6 +188,20 @@ class BlockCopy:
             if length < cs:
                 return "data", min(nbytes, cs)
         return kind, min(length, nbytes)
+
+    async def _classify(self, offset: int, nbytes: int) -> tuple[str, int]:
+        """What the source holds from *offset*, for how long: ``skip``, ``zero`` or
+        ``data``. A subclass with another notion of what to copy (stream: what lies between
+        a node and its base) overrides this. **Raises** OSError."""
+        if self.skip_unallocated:
+            # The top layer alone: where it allocates, the whole chain's answer is its
+            # answer (block_status_above would only ask it again).
+            ext = await self.source.block_status(offset, nbytes)
+        else:
+            ext = await self.source.block_status_above(offset, nbytes, None)
+        if self.skip_unallocated and not ext.flags & (BlockStatus.ALLOCATED | BlockStatus.EOF):
+            return "skip", ext.length
+        return ("zero" if ext.flags & BlockStatus.ZERO else "data"), ext.length
 
     async def _claim(self, start: int, end: int, limited: bool) -> _Task | bool | None:
         """Claim the next dirty run in ``[start, end)`` as a task.

@@ -212,6 +212,22 @@ class ClusterMap:
         await self.io.write_meta(self.l1_offset + lo * 8, bytes(self.l1[lo * 8 : hi * 8]))
         self.l1_dirty.clear()
 
+    async def drop_tables(self, first: int, free_entry: Callable[[int], None]) -> None:
+        """A shrink: forget the L2 tables of L1 indexes *first* and up. What their entries
+        point to goes to *free_entry*, the L1 entries become zero, and the tables' own
+        clusters are queued for release, which happens once the zeroed L1 is stable."""
+        for l1i in range(first, self.l1_size):
+            off = self.l2_offset(l1i)
+            if not off:
+                continue
+            for entry in await self.entries(l1i << self.l2_bits, self.l2_entries):
+                if entry:
+                    free_entry(entry)
+            _Q.pack_into(self.l1, l1i * 8, 0)
+            self.l1_dirty.add(l1i)
+            self.l2_clusters.discard(off >> self.cluster_bits)
+            self.queue_free(off, self.cluster_size)
+
     async def grow_l1(self, min_size: int, exact: bool) -> None:
         """Move the L1 table to a bigger one (the caller has flushed every cache, so the
         in-memory table equals what the new one must hold)."""

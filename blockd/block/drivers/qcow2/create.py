@@ -195,7 +195,10 @@ async def _grow_and_finish(
     try:
         drv = node.driver
         assert isinstance(drv, Qcow2Driver)
-        await drv._grow(size, exact=True)
+        try:
+            await drv._grow(size, exact=True)
+        except QmpError as exc:
+            raise QmpError(f"Could not resize image: {exc.desc}") from None
         if prealloc != "off":
             await drv.preallocate_metadata(0, size, file_prealloc=prealloc)
         async with drv.lock:

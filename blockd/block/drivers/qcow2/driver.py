@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import struct
 from collections.abc import Callable
@@ -65,6 +64,7 @@ from blockd.block.drivers.qcow2.header import (
     peek_cluster_bits,
 )
 from blockd.block.drivers.qcow2.refcount import RefcountManager
+from blockd.block.jsonname import json_name, open_options
 from blockd.block.perm import ChildRole
 from blockd.block.probe import full_name, open_backing
 from blockd.block.status import BlockStatus, Extent
@@ -128,6 +128,10 @@ class Qcow2Driver(BlockDriver):
         self.backing_file_name: str | None = None
         self.backing_format: str | None = None
         self.full_backing_file_name: str | None = None
+        #: What the node's backing is expected to be called (QEMU's auto_backing_file): the
+        #: header's name, or the node opened from it; another backing makes the node's
+        #: filename a json: description of its options.
+        self.auto_backing_file: str | None = None
         self._inflight: list[tuple[int, int, asyncio.Event]] = []
         self._pending_free: list[tuple[int, int]] = []
         #: Freed host ranges to discard in the file once their refcount is 0 (QEMU's
@@ -290,6 +294,7 @@ class Qcow2Driver(BlockDriver):
 
         self.backing_file_name = hdr.backing_file
         self.backing_format = hdr.backing_format
+        self.auto_backing_file = hdr.backing_file
         await self._open_backing(options, graph)
 
         if not self.node.read_only and hdr.version >= 3:
@@ -336,6 +341,14 @@ class Qcow2Driver(BlockDriver):
         self._backing_null = await open_backing(
             self.node, graph, options, self.backing_file_name, self.backing_format
         )
+        if "backing" not in options.model_fields_set and self.node.backing is not None:
+            self.auto_backing_file = self.node.backing.filename
+
+    def on_backing_attached(self, backing: BlockNode | None) -> None:
+        """A graph change set the backing node (snapshot, stream, ``blockdev-reopen``);
+        with none left, the header's name no longer describes the node, as after
+        ``backing: null``."""
+        self._backing_null = backing is None
 
     @property
     def backing_disabled(self) -> bool:
@@ -443,16 +456,18 @@ class Qcow2Driver(BlockDriver):
         once behind a sync of all metadata, as :meth:`rewrite_header` does."""
         if name is not None and len(name.encode("utf-8", "surrogateescape")) > 1023:
             raise OSError(errno.EINVAL, "Invalid argument")
-        if fmt is not None and not name:
+        if fmt is not None and name is None:
             raise OSError(errno.EINVAL, "Invalid argument")
         old = (self.backing_file_name, self.backing_format, self.full_backing_file_name)
+        # An empty name means no backing file, and then the format means nothing either.
         self.backing_file_name = name or None
-        self.backing_format = fmt or None
+        self.backing_format = (fmt or None) if name else None
         try:
             await self.rewrite_header()
         except BaseException:
             self.backing_file_name, self.backing_format, self.full_backing_file_name = old
             raise
+        self.auto_backing_file = name or None
         self.full_backing_file_name = full_name(self.file, name)
 
     async def rewrite_header(self) -> None:
@@ -1110,13 +1125,16 @@ class Qcow2Driver(BlockDriver):
         if size % 512:
             raise QmpError("The new size must be a multiple of 512")
         old = self.size
-        if size < old:
-            raise QmpError("qcow2: shrinking images is not supported by blockd")
         if prealloc not in ("off", "metadata", "falloc", "full"):
             raise QmpError(f"Unsupported preallocation mode '{prealloc}'")
         if size == old:
             return
         self.bitmaps.check_resize()
+        if size < old:
+            if prealloc != "off":
+                raise QmpError("Preallocation can't be used for shrinking an image")
+            await self._shrink(size)
+            return
         await self._grow(size, exact=True)
         if prealloc != "off":
             await self.preallocate_metadata(old, size, file_prealloc=prealloc)
@@ -1124,6 +1142,32 @@ class Qcow2Driver(BlockDriver):
         if back is not None and back.length > old:
             # The new area must read as zeroes, not as what the backing has there.
             await self.pwrite_zeroes(old, min(size, back.length) - old, WriteFlags.NONE)
+
+    async def _shrink(self, size: int) -> None:
+        """QEMU's qcow2 shrink: every cluster past the new end is released (its entry
+        becomes unallocated), L2 tables wholly past it go, then the header's size changes.
+        The L1 table keeps its length. A crash in between leaves the old size and at worst
+        leaked clusters, never an entry pointing at freed space."""
+        cs, m = self.cluster_size, self._m
+        per_table = cs << m.l2_bits
+        tables = -(-size // per_table)
+        first, last = -(-size // cs), min(-(-self.size // cs), tables << m.l2_bits)
+
+        def dropped(entry: int) -> int:
+            self._free_entry(entry, discard=True)
+            return 0
+
+        if first < last:
+            await self._rewrite_entries(first, last, dropped, skip_missing_table=lambda: True)
+        async with self.lock:
+            await m.drop_tables(tables, lambda e: self._free_entry(e, discard=True))
+            await self._sync_metadata(force_frees=True)
+            await self.sync()
+            await self.write_header(OFF_SIZE, struct.pack(">Q", size))
+            await self.sync()
+            assert self.hdr is not None
+            self.hdr.size = size
+            self.size = size
 
     async def _grow(self, size: int, exact: bool) -> None:
         m = self._m
@@ -1134,9 +1178,7 @@ class Qcow2Driver(BlockDriver):
                 try:
                     await m.grow_l1(need, exact)
                 except OSError as exc:
-                    raise QmpError(
-                        f"Could not resize image: Failed to grow the L1 table: {exc.strerror}"
-                    ) from None
+                    raise QmpError(f"Failed to grow the L1 table: {exc.strerror}") from None
             await self.write_header(OFF_SIZE, struct.pack(">Q", size))
             await self.sync()
             assert self.hdr is not None
@@ -1185,14 +1227,18 @@ class Qcow2Driver(BlockDriver):
     def filename(self) -> str:
         if "file" in self.node.children:
             name = str(self.file.filename)
-            if self.backing_disabled and not name.startswith("json:"):
-                # QEMU's bdrv_refresh_filename: options that change what the image means
-                # (here: no backing file) make the filename a json: description.
-                return "json:" + json.dumps(
+            back = self.node.backing
+            expected = self.auto_backing_file or ""
+            overridden = expected != back.filename if back is not None else bool(expected)
+            if overridden and not name.startswith("json:"):
+                # QEMU's bdrv_refresh_filename: a backing other than the one the image
+                # names (or none) changes what the image means, so the filename becomes a
+                # json: description of the options.
+                return json_name(
                     {
-                        "backing": None,
+                        "backing": open_options(back) if back is not None else None,
                         "driver": "qcow2",
-                        "file": {"driver": "file", "filename": name},
+                        "file": open_options(self.file),
                     }
                 )
             return name
