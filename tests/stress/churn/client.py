@@ -393,7 +393,11 @@ class Client:
 
     async def check_counts(self, node: str, img: ImageModel) -> None:
         """Every bitmap's dirty count lies between what must and what may be dirty."""
-        must = {n: bm.must.copy() for n, bm in img.bitmaps.items()}
+        # A backup of another client may end (and clear or merge into a bitmap) while the
+        # query is out: only bitmaps idle on both sides of it, and not cleared meanwhile,
+        # are checked against the must taken before.
+        must = {n: bm.must.copy() for n, bm in img.bitmaps.items() if not bm.busy}
+        epoch = {n: (id(bm), bm.since_sent, len(bm.history)) for n, bm in img.bitmaps.items()}
         r = await self.ok("query-named-block-nodes", {"flat": True})
         if r is None:
             return
@@ -408,7 +412,11 @@ class Client:
         inflight = img.inflight_bits()
         for name, bm in img.bitmaps.items():
             b = shown[name]
-            if bm.busy or name not in must:
+            if (
+                bm.busy
+                or name not in must
+                or epoch.get(name) != (id(bm), bm.since_sent, len(bm.history))
+            ):
                 continue
             if b.get("inconsistent") or b["granularity"] != bm.granularity:
                 self.anomaly(f"{node}: bitmap {name} shown as {b}")
