@@ -41,7 +41,8 @@ def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
     }
     # QEMU replaces the header's name by the backing node's filename once one is attached.
     backing = node.backing
-    backing_name = backing.filename if backing is not None else None
+    # A job filter's child is its backing, but it has no header naming one.
+    backing_name = backing.filename if backing is not None and not node.driver.is_filter else None
     if not getattr(node.driver, "backing_disabled", False):
         backing_name = backing_name or getattr(node.driver, "backing_file_name", None)
     if backing_name:

@@ -25,10 +25,13 @@ if TYPE_CHECKING:
 
 class FilterDriver(BlockDriver):
     is_filter = True
+    #: The name of the filtered child: QEMU's job filters mirror_top and commit_top hang
+    #: their child as ``backing`` (which query-named-block-nodes shows as a backing image).
+    child_name: str = "file"
 
     @property
     def child(self) -> BlockNode:
-        return self.node.children["file"].node
+        return self.node.children[self.child_name].node
 
     def on_inserted(self) -> None:
         """The filter now sits above its child: take the child's limits (a copy, so that a

@@ -280,16 +280,24 @@ class DriveBackupAction(BlockdevBackupAction):
                 self.data = args.model_copy(update={"sync": MirrorSyncMode.FULL})
         elif args.sync.value == "none":
             backing = source
+        from blockd.qmp.commands.mirror import nbd_target_options
+
+        proto = nbd_target_options(args.target) or {"driver": "file", "filename": args.target}
         if not existing:
             assert fmt is not None
+            if proto["driver"] == "nbd":
+                raise QmpError(
+                    f"Could not create '{args.target}': Protocol driver 'nbd' does not "
+                    "support image creation"
+                )
             await _create_image(graph, args.target, fmt, source.length, backing)
         if fmt is None:
-            fmt = await probe_format(graph, {"driver": "file", "filename": args.target})
+            fmt = await probe_format(graph, proto)
         opts: dict[str, Any] = {"driver": fmt, "discard": "unmap", "detect-zeroes": "unmap"}
-        if fmt == "file":
-            opts["filename"] = args.target
+        if fmt in ("file", "nbd"):
+            opts.update(proto)
         else:
-            opts["file"] = {"driver": "file", "filename": args.target}
+            opts["file"] = proto
         if args.sync.value == "none" and fmt != "file" and fmt != "raw":
             opts["backing"] = source.node_name
         if driver_class(fmt) is None:

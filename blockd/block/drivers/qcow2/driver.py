@@ -28,6 +28,7 @@ import errno
 import json
 import logging
 import struct
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -369,6 +370,12 @@ class Qcow2Driver(BlockDriver):
                 )
             except QmpError as exc:
                 raise QmpError(f"Could not open backing file: {exc.desc}") from None
+
+    async def open_backing_from_header(self, graph: BlockGraph) -> None:
+        """Open the backing file the header names, for a node opened with ``backing: null``
+        (a drive-mirror target with mode=existing gets its chain at completion)."""
+        self._backing_null = False
+        await self._open_backing(types.SimpleNamespace(model_fields_set=set()), graph)
 
     @property
     def backing_disabled(self) -> bool:
