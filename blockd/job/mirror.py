@@ -25,6 +25,7 @@ top onto the base.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from dataclasses import dataclass
@@ -199,13 +200,15 @@ class MirrorJob(BlockJob):
     # -- progress ------------------------------------------------------------------------
     def _progress(self, nbytes: int) -> None:
         self.progress_current += nbytes
-        self._update_total()
+        self._update_total(finishing=nbytes)
 
-    def _update_total(self) -> None:
+    def _update_total(self, finishing: int = 0) -> None:
         """Total is what was done plus what is dirty or in flight (QEMU's
-        job_progress_set_remaining in the mirror loop)."""
+        job_progress_set_remaining in the mirror loop); *finishing*: the bytes of a task
+        that counted as done but is still registered in flight."""
         bcs = self.bcs
-        self.progress_total = self.progress_current + bcs.dirty_bytes() + bcs.bytes_in_flight()
+        left = bcs.dirty_bytes() + bcs.bytes_in_flight() - finishing
+        self.progress_total = self.progress_current + max(left, 0)
 
     def _dirtied(self) -> None:
         self.enter()
@@ -624,3 +627,12 @@ def start_mirror(
         raise
     job.start()
     return job
+
+
+async def let_start(job: MirrorJob) -> None:
+    """Give a new job the chance QEMU's job_start gives it: it runs until it first waits, so
+    a job with nothing to copy is READY before the command replies."""
+    for _ in range(8):
+        if job.is_ready or job.is_completed:
+            return
+        await asyncio.sleep(0)

@@ -13,7 +13,7 @@ from blockd.block.perm import Perm
 from blockd.block.snapshot import reopen_read_only
 from blockd.errors import DeviceNotFoundError, QmpError
 from blockd.job.commit import start_commit
-from blockd.job.mirror import MirrorParams, chain_contains, is_root, start_mirror
+from blockd.job.mirror import MirrorParams, chain_contains, is_root, let_start, start_mirror
 from blockd.qapi.job import BlockdevOnError
 from blockd.qapi.mirror import BlockCommit
 from blockd.qmp.registry import Context, command
@@ -137,6 +137,7 @@ async def qmp_block_commit(ctx: Context, args: BlockCommit) -> None:
                 await reopen_read_only(base, True)
             raise
         job.base_was_read_only = base_ro
+        await let_start(job)
         return
     overlay = _overlay_of(bs, top)
     if overlay is not None:

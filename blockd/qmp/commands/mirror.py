@@ -12,7 +12,7 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.block.probe import probe_format
 from blockd.errors import QmpError
-from blockd.job.mirror import MirrorParams, is_root, start_mirror
+from blockd.job.mirror import MirrorJob, MirrorParams, is_root, let_start, start_mirror
 from blockd.qapi.base import ArgsValidator
 from blockd.qapi.job import BlockdevOnError
 from blockd.qapi.mirror import BlockdevMirror, DriveMirror
@@ -104,7 +104,7 @@ def _params(args: Any, sync: str, **kw: Any) -> MirrorParams:
     )
 
 
-def mirror_common(ctx: Context, bs: BlockNode, target: BlockNode, p: MirrorParams) -> None:
+def mirror_common(ctx: Context, bs: BlockNode, target: BlockNode, p: MirrorParams) -> MirrorJob:
     """QEMU's blockdev_mirror_common, then mirror_start."""
     graph = ctx.daemon.graph
     check_granularity(p.granularity)
@@ -129,9 +129,8 @@ def mirror_common(ctx: Context, bs: BlockNode, target: BlockNode, p: MirrorParam
     if p.sync in ("incremental", "bitmap"):
         raise QmpError(f"Sync mode '{p.sync}' not supported")
     base = bs.cow_backing() if p.sync == "top" else None
-    start_mirror(
-        ctx.daemon.jobs, graph, bs, target, p, base=base, owns_target=p.backing_mode != "leave"
-    )
+    owns = p.backing_mode != "leave"
+    return start_mirror(ctx.daemon.jobs, graph, bs, target, p, base=base, owns_target=owns)
 
 
 @command("blockdev-mirror", BlockdevMirror)
@@ -141,7 +140,7 @@ async def qmp_blockdev_mirror(ctx: Context, args: BlockdevMirror) -> None:
     target = graph.lookup(args.target, args.target)
     sync = args.sync.value
     p = _params(args, sync, zero_target=sync == "full", filter_node_name=args.filter_node_name)
-    mirror_common(ctx, bs, target, p)
+    await let_start(mirror_common(ctx, bs, target, p))
 
 
 @command("drive-mirror", DriveMirror)
@@ -181,7 +180,8 @@ async def qmp_drive_mirror(ctx: Context, args: DriveMirror) -> None:
             backing_mode="source" if mode == "absolute-paths" else "open",
             zero_target=zero_target,
         )
-        mirror_common(ctx, bs, target, p)
+        job = mirror_common(ctx, bs, target, p)
     except BaseException:
         await graph.maybe_free(target)
         raise
+    await let_start(job)
