@@ -84,6 +84,7 @@ class CommitJob(BlockJob):
             await reopen_read_only(base, False)
         node = graph.new_filter(CommitTopDriver, filter_node_name)
         graph.insert_filter(node, top)
+        node.read_only = True  # it never writes (QEMU opens it without BDRV_O_RDWR)
         self.filter = node
         base_under = base.skip_filters()
         with perm_update() as upd:
@@ -185,10 +186,7 @@ class CommitJob(BlockJob):
                 overlay = edge.parent
                 if not isinstance(overlay, BlockNode) or not edge.role & ChildRole.COW:
                     continue
-                try:
-                    await overlay.driver.change_backing_file(name, base.drv)
-                except OSError as exc:
-                    raise QmpError(f"Could not update backing file link: {exc.strerror}") from exc
+                await _update_backing_link(overlay, name, base.drv)
         self._remove_filter()
         self._done = True
 
@@ -201,6 +199,21 @@ class CommitJob(BlockJob):
         self._release_nodes()
         self._remove_filter()
         await self._restore_base()
+
+
+async def _update_backing_link(overlay: BlockNode, name: str, fmt: str) -> None:
+    """Record the new backing file in *overlay*'s header; a read-only overlay is reopened
+    read-write for that, and back (QEMU's bdrv_backing_update_filename)."""
+    read_only = overlay.read_only
+    if read_only:
+        await reopen_read_only(overlay, False)
+    try:
+        await overlay.driver.change_backing_file(name, fmt)
+    except OSError as exc:
+        raise QmpError(f"Could not update backing file link: {exc.strerror}") from exc
+    finally:
+        if read_only:
+            await reopen_read_only(overlay, True)
 
 
 async def start_commit(

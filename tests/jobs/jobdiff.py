@@ -116,3 +116,19 @@ def both(
         return json.loads(_GENERATED.sub("#block", json.dumps(norm(scenario(s, d), d))))
 
     return assert_same(run_both(tmp, build, play))
+
+
+def chain_of(s: Session, node: str) -> list[tuple[Any, ...]]:
+    """The chain under *node* as query-named-block-nodes nests it: (format, filename,
+    virtual size) per layer, plus *node*'s read-only flag. For scenarios where blockd keeps
+    nodes QSD frees (monitor-owned snapshot overlays, docs/compatibility.md), this is what
+    both must agree on."""
+    for n in s.ok("query-named-block-nodes"):
+        if n["node-name"] == node:
+            out: list[tuple[Any, ...]] = [("ro", n["ro"])]
+            img: dict[str, Any] | None = n["image"]
+            while img is not None:
+                out.append((img["format"], img["filename"], img["virtual-size"]))
+                img = img.get("backing-image")
+            return out
+    raise AssertionError(f"no node {node}")

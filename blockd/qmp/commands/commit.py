@@ -74,7 +74,7 @@ def _resolve(graph: BlockGraph, args: BlockCommit) -> tuple[BlockNode, BlockNode
     if args.top_node is not None and args.top is not None:
         raise QmpError("'top-node' and 'top' are mutually exclusive")
     if args.top_node is not None:
-        top = graph.lookup(None, args.top_node)
+        top = graph.lookup(args.top_node)
         if not chain_contains(bs, top):
             raise QmpError(f"'{args.top_node}' is not in this backing file chain")
     elif args.top is not None and bs.filename != args.top:
@@ -84,7 +84,7 @@ def _resolve(graph: BlockGraph, args: BlockCommit) -> tuple[BlockNode, BlockNode
     if args.base_node is not None and args.base is not None:
         raise QmpError("'base-node' and 'base' are mutually exclusive")
     if args.base_node is not None:
-        base = graph.lookup(None, args.base_node)
+        base = graph.lookup(args.base_node)
         if not chain_contains(top, base):
             raise QmpError(f"'{args.base_node}' is not in this backing file chain")
     elif args.base is not None:
