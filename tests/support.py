@@ -107,7 +107,7 @@ def start_blockd(tmp: Path, *extra: str, name: str = "blockd", cwd: Path | None 
     return Daemon(proc, sock, log)
 
 
-def start_qsd(tmp: Path, *extra: str, name: str = "qsd") -> Daemon:
+def start_qsd(tmp: Path, *extra: str, name: str = "qsd", cwd: Path | None = None) -> Daemon:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
@@ -122,6 +122,7 @@ def start_qsd(tmp: Path, *extra: str, name: str = "qsd") -> Daemon:
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
+            cwd=cwd,
         )
     wait_for_socket(sock, proc)
     return Daemon(proc, sock, log)

@@ -106,7 +106,11 @@ class NbdServer:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if fam == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    # "::" also takes IPv4 clients unless only ipv6 was asked for, as in QEMU
+                    # (the live storage migration example listens on "::", connects to
+                    # localhost).
+                    v6only = 1 if family == socket.AF_INET6 else 0
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
                 sock.bind(sa)
                 sock.listen(128)
             except OSError as exc:

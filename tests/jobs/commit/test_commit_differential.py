@@ -166,8 +166,12 @@ def test_commit_snapshot_chain_read_only_base(tmp_path: Path) -> None:
             nbd_write(sock, "node-A", 0x10 + ord(name), ord(name) % 4 * MiB, MiB)
         s.ok(
             "block-commit",
-            {"job-id": "job0", "device": "node-D", "top": str(d / "b.qcow2"),
-             "base": str(d / "a.qcow2")},
+            {
+                "job-id": "job0",
+                "device": "node-D",
+                "top": str(d / "b.qcow2"),
+                "base": str(d / "a.qcow2"),
+            },
         )
         s.wait_job("job0", "null")
         mid = chain_of(s, "node-D")
@@ -194,14 +198,19 @@ def test_commit_refusals_busy_and_cancel(tmp_path: Path) -> None:
         add_chain(s, d)
         replies = [
             s.cmd("block-commit", {"job-id": "e1", "device": "base"}),
-            s.cmd("block-commit", {"job-id": "e2", "device": "top", "top-node": "base",
-                                   "base-node": "mid"}),
-            s.cmd("block-commit", {"job-id": "e3", "device": "top", "base": "x",
-                                   "base-node": "base"}),
+            s.cmd(
+                "block-commit",
+                {"job-id": "e2", "device": "top", "top-node": "base", "base-node": "mid"},
+            ),
+            s.cmd(
+                "block-commit", {"job-id": "e3", "device": "top", "base": "x", "base-node": "base"}
+            ),
             s.cmd("block-commit", {"job-id": "e4", "device": "nonode"}),
             s.cmd("block-commit", {"job-id": "e5", "device": "top", "top": "x", "top-node": "mid"}),
-            s.cmd("block-commit", {"job-id": "e6", "device": "top", "top-node": "top",
-                                   "base-node": "top"}),
+            s.cmd(
+                "block-commit",
+                {"job-id": "e6", "device": "top", "top-node": "top", "base-node": "top"},
+            ),
             s.cmd("block-commit", {"job-id": "e7", "device": "top", "top-node": "nonode"}),
             s.cmd("block-commit", {"job-id": "e7", "device": "top", "base-node": "nonode"}),
             s.cmd("block-commit", {"job-id": "e7", "device": "top", "top": "nofile.qcow2"}),
@@ -210,14 +219,20 @@ def test_commit_refusals_busy_and_cancel(tmp_path: Path) -> None:
             s.cmd("block-commit", {"device": "top", "top-node": "mid"}),
             s.cmd("block-commit", {"job-id": "1bad", "device": "top", "top-node": "mid"}),
             s.cmd("block-commit", {"job-id": "e7", "device": "top", "speed": -1}),
-            s.cmd("block-commit", {"job-id": "e7", "device": "top", "top-node": "mid",
-                                   "filter-node-name": "top"}),
+            s.cmd(
+                "block-commit",
+                {"job-id": "e7", "device": "top", "top-node": "mid", "filter-node-name": "top"},
+            ),
         ]
-        s.ok("block-commit", {"job-id": "e8", "device": "top", "top-node": "mid",
-                              "base-node": "base", "speed": 1})
+        s.ok(
+            "block-commit",
+            {"job-id": "e8", "device": "top", "top-node": "mid", "base-node": "base", "speed": 1},
+        )
         busy = [
-            s.cmd("block-commit", {"job-id": "e8", "device": "top", "top-node": "mid",
-                                   "base-node": "base"}),
+            s.cmd(
+                "block-commit",
+                {"job-id": "e8", "device": "top", "top-node": "mid", "base-node": "base"},
+            ),
             s.cmd("blockdev-del", {"node-name": "top"}),
             s.cmd("blockdev-del", {"node-name": "mid"}),
             s.cmd("block-job-complete", {"device": "e8"}),

@@ -26,8 +26,11 @@ def test_mirror_refusals(tmp_path: Path) -> None:
         s.ok("blockdev-add", qcow2_node("src", d / "src.qcow2"))
         s.ok("blockdev-add", qcow2_node("tgt", d / "tgt.qcow2"))
         s.ok("blockdev-add", qcow2_node("tgt2", d / "tgt2.qcow2"))
-        base = next(n["node-name"] for n in s.ok("query-named-block-nodes")
-                    if n["drv"] == "qcow2" and n["node-name"].startswith("#"))
+        base = next(
+            n["node-name"]
+            for n in s.ok("query-named-block-nodes")
+            if n["drv"] == "qcow2" and n["node-name"].startswith("#")
+        )
         bm = {"job-id": "m", "device": "src", "target": "tgt", "sync": "full"}
         dm = {"job-id": "m", "device": "src", "target": str(d / "new.qcow2"), "sync": "full"}
         before = graph(s)
