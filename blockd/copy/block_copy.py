@@ -227,7 +227,7 @@ class BlockCopy:
         return kind, min(length, nbytes)
 
     async def _claim(
-        self, start: int, end: int, limited: bool
+        self, start: int, end: int, limited: bool, room: int = 0
     ) -> tuple[_Task] | _Task | bool | None:
         """Claim the next dirty run in ``[start, end)`` as a task.
 
@@ -254,6 +254,9 @@ class BlockCopy:
             return True
         slen = min(slen, n)
         lim = slen if kind != "data" else min(slen, self._chunk(limited))
+        if kind == "data" and room:
+            # what is left of the buffer budget, in whole clusters (at least one)
+            lim = min(lim, max(room - room % self.cluster_size, self.cluster_size))
         if kind == "zero":
             # under a speed limit zero ranges move in the same steps as data
             lim = min(lim, self._chunk(True) if limited else ZERO_CHUNK)
@@ -439,13 +442,14 @@ class BlockCopy:
                     await other.done.wait()  # a copy-before-write task: it may fail
                     continue
                 budget = self.max_bytes_in_flight
-                if budget and tasks and self._data_bytes() + self._chunk(False) > budget:
+                room = budget - self._data_bytes() if budget else 0
+                if budget and tasks and room < self.cluster_size:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     reap(done)
                     continue
                 limited = pacer.rate_limited()
                 await pacer.pace()  # what was copied so far must be within the limit
-                got = await self._claim(peek[0], end, limited)
+                got = await self._claim(peek[0], end, limited, max(room, 0))
                 if isinstance(got, _Task):
                     if not got.zero or self.count_zero_tasks:
                         self.on_task(got.nbytes)

@@ -26,6 +26,7 @@ top onto the base.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ DEFAULT_BUF_SIZE = 16 * MiB
 MAX_IN_FLIGHT = 16
 #: How long a job in sync sleeps when nothing is dirty; a guest write wakes it at once.
 IDLE_SLEEP = 1.0
+#: At completion, at most this much dirty data is copied while the guest is held.
+FINAL_COPY_MAX = 64 * MiB
 
 
 def default_granularity(target: BlockNode) -> int:
@@ -103,6 +106,13 @@ class MirrorParams:
     zero_target: bool = False
 
 
+#: Set while a write-blocking guest write writes the source: the target gets the same data
+#: right after, so the range is not dirty.
+_ACTIVE_WRITE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "blockd_mirror_active_write", default=False
+)
+
+
 class _DirtyFeed:
     """The job's tracker on the source (QEMU's mirror dirty bitmap, which
     query-named-block-nodes lists on the source): every write that reaches the source while
@@ -112,7 +122,9 @@ class _DirtyFeed:
         self.job = job
 
     def is_recording(self) -> bool:
-        return not self.job.copies_writes()
+        # Decided per write, not per mode: a write that passed the filter before the job
+        # copied writes itself (or while it no longer does) must be recorded.
+        return not _ACTIVE_WRITE.get()
 
     def set_range(self, offset: int, nbytes: int) -> None:
         self.job.bcs.mark_dirty(offset, nbytes)
@@ -228,13 +240,17 @@ class MirrorJob(BlockJob):
     ) -> None:
         src = self.source
         async with self.bcs.active_write(offset, nbytes):
-            if kind == "data":
-                assert data is not None
-                await src.write(offset, data, flags)
-            elif kind == "zero":
-                await src.write_zeroes(offset, nbytes, flags)
-            else:
-                await src.discard(offset, nbytes)
+            token = _ACTIVE_WRITE.set(True)
+            try:
+                if kind == "data":
+                    assert data is not None
+                    await src.write(offset, data, flags)
+                elif kind == "zero":
+                    await src.write_zeroes(offset, nbytes, flags)
+                else:
+                    await src.discard(offset, nbytes)
+            finally:
+                _ACTIVE_WRITE.reset(token)
             await self._sync_target_write(offset, nbytes, data, flags, kind)
 
     async def _sync_target_write(
@@ -379,14 +395,7 @@ class MirrorJob(BlockJob):
             await self.pause_point()
             if self.write_error:
                 raise OSError(self.write_error, strerror(self.write_error))
-            try:
-                await self.bcs.run(0, length, max_workers=MAX_IN_FLIGHT, pacer=self)
-            except BlockCopyError as exc:
-                action = self.error_action(exc.is_read, exc.errno)
-                if action == "report":
-                    raise OSError(exc.errno, strerror(exc.errno)) from exc
-                if action == "stop":
-                    await self.pause_point()
+            if not await self._copy_round(length):
                 continue
             self._update_total()
             if self.bcs.dirty_bytes() or self.write_error:
@@ -394,18 +403,51 @@ class MirrorJob(BlockJob):
             if not self.is_ready:
                 if not await self._flush_target():
                     continue
-                if self.bcs.dirty_bytes():
-                    continue
+                # READY says the target was in sync once (QEMU does not look again after
+                # the flush): what the guest wrote meanwhile is copied as usual.
                 self.emit_ready()
-            if self.should_complete or self.cancelled:
-                # Stop the guest, then look once more: what it wrote meanwhile is copied
-                # first; the quiesce is held until the graph has changed.
-                await self._quiesce()
-                if self.bcs.dirty_bytes() or not await self._flush_target():
-                    self._unquiesce()
-                    continue
+            if (self.should_complete or self.cancelled) and await self._finish(length):
                 return
-            await self.sleep(IDLE_SLEEP)
+            if not self.bcs.dirty_bytes():
+                await self.sleep(IDLE_SLEEP)
+
+    async def _copy_round(self, length: int) -> bool:
+        """Copy until nothing is dirty or in flight; False after a failure whose policy
+        says go on (ignore, or stop and then resumed)."""
+        try:
+            await self.bcs.run(0, length, max_workers=MAX_IN_FLIGHT, pacer=self)
+        except BlockCopyError as exc:
+            action = self.error_action(exc.is_read, exc.errno)
+            if action == "report":
+                raise OSError(exc.errno, strerror(exc.errno)) from exc
+            self._unquiesce()
+            if action == "stop":
+                await self.pause_point()
+            return False
+        return True
+
+    async def _finish(self, length: int) -> bool:
+        """Stop the guest and look once more; True when the target is in sync with the
+        guest held (the quiesce is then kept until the graph has changed).
+
+        QEMU lets the guest go again whenever it finds new dirty data here, which under
+        steady writes can put off the end for long. blockd copies that remainder with the
+        guest held instead, when there is not much of it and no speed limit applies: the
+        guest waits for a short copy and the job ends."""
+        await self._quiesce()
+        dirty = self.bcs.dirty_bytes()
+        if dirty and (self.rate_limited() or dirty > FINAL_COPY_MAX):
+            self._unquiesce()
+            return False
+        token = inside_graph()
+        try:
+            done = (not dirty or await self._copy_round(length)) and await self._flush_target()
+        finally:
+            leave_graph(token)
+        if done and not self.bcs.dirty_bytes() and not self.write_error:
+            return True
+        self._unquiesce()
+        return False
 
     async def _dirty_init(self) -> None:
         """Seed the bitmap (QEMU's mirror_dirty_init): the ranges allocated above the base
