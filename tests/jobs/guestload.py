@@ -60,6 +60,14 @@ class Guest:
         self.stop.set()
         await asyncio.gather(*self._tasks)
 
+    async def flush(self) -> None:
+        """What the guest wrote is stable (a crash after this loses none of it)."""
+        client = await NbdClient.connect(self.address, self.export)
+        try:
+            await client.flush()
+        finally:
+            await client.disconnect()
+
     async def read_all(self) -> bytes:
         client = await NbdClient.connect(self.address, self.export)
         try:
