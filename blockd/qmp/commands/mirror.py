@@ -162,13 +162,9 @@ async def qmp_drive_mirror(ctx: Context, args: DriveMirror) -> None:
         raise QmpError("a node-name must be provided when replacing a named node of the graph")
     if mode != "existing":
         assert fmt is not None
-        if nbd_target_options(args.target) is not None:
-            raise QmpError(
-                f"Could not create '{args.target}': Protocol driver 'nbd' does not support "
-                "image creation"
-            )
         with_backing = backing if sync != "full" and backing is not None else None
-        await _create_image(graph, args.target, fmt, bs.length, with_backing)
+        nbd = nbd_target_options(args.target)
+        await _create_image(graph, args.target, fmt, bs.length, with_backing, nbd)
     extra = {"discard": bs.discard_mode} if bs.discard_mode == "unmap" else {}
     target = await open_drive_target(graph, args.target, fmt, args.node_name, extra)
     try:

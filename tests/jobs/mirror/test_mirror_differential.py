@@ -314,3 +314,34 @@ def test_different_size_and_replaces(tmp_path: Path) -> None:
         return {"events": events(s), "replies": replies, "after": graph(s)}
 
     both(tmp_path, build, scenario)
+
+
+def test_manual_finalize_and_dismiss(tmp_path: Path) -> None:
+    """auto-finalize and auto-dismiss off: complete leads to pending (BLOCK_JOB_PENDING), the
+    pivot happens at job-finalize, the job stays concluded until job-dismiss."""
+
+    def scenario(s: Session, d: Path) -> dict[str, Any]:
+        _add_src_tgt(s, d)
+        s.ok(
+            "blockdev-mirror",
+            {
+                "job-id": "m7",
+                "device": "src",
+                "target": "tgt",
+                "sync": "top",
+                "auto-finalize": False,
+                "auto-dismiss": False,
+                "filter-node-name": "mt",
+            },
+        )
+        s.wait_job("m7", "ready")
+        s.ok("block-job-complete", {"device": "m7"})
+        s.wait_job("m7", "pending")
+        pending = (s.ok("query-jobs"), graph(s))
+        s.ok("job-finalize", {"id": "m7"})
+        s.wait_job("m7", "concluded")
+        concluded = s.ok("query-block-jobs")
+        s.ok("job-dismiss", {"id": "m7"})
+        return {"events": events(s), "pending": pending, "concluded": concluded, "after": graph(s)}
+
+    both(tmp_path, _src_tgt, scenario)

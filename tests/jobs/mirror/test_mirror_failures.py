@@ -34,6 +34,37 @@ def _names(s: Session) -> list[str]:
 
 @needs_qsd
 @pytest.mark.qsd
+@pytest.mark.parametrize("policy", ["report", "ignore"])
+def test_source_read_errors(tmp_path: Path, policy: str) -> None:
+    """A source whose reads fail once: on-source-error report ends the job with the error,
+    ignore copies the range again and completes."""
+
+    def scenario(s: Session, d: Path) -> dict[str, Any]:
+        rule = {"event": "read_aio", "errno": 5, "once": True}
+        s.ok("blockdev-add", blkdebug_raw_node("src", d / "src.raw", [rule]))
+        s.ok("blockdev-add", raw_node("tgt", d / "tgt.raw"))
+        s.ok(
+            "blockdev-mirror",
+            {
+                "job-id": "m",
+                "device": "src",
+                "target": "tgt",
+                "sync": "full",
+                "on-source-error": policy,
+            },
+        )
+        if policy == "ignore":
+            s.wait_job("m", "ready")
+            s.ok("block-job-complete", {"device": "m"})
+        s.wait_job("m", "null")
+        return {"events": _names(s), "same": compare(d / "src.raw", d / "tgt.raw")}
+
+    res = both(tmp_path, _build, scenario)
+    assert res["same"] == (policy == "ignore")
+
+
+@needs_qsd
+@pytest.mark.qsd
 @pytest.mark.parametrize(
     ("policy", "errno", "once"),
     [
