@@ -22,12 +22,10 @@ import argparse
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from bench_backup import peak_rss_mib
 from bench_mirror import header, report
-from benchlib import GiB, Qmp, node, random_image, run, start, stop
+from benchlib import GiB, Qmp, node, random_image, run, timed_job
 
 
 def _chain(d: Path, active: bool) -> None:
@@ -47,30 +45,20 @@ def run_one(kind: str, d: Path, active: bool) -> tuple[float, float]:
     _chain(d, active)
     top = d / ("data_top.qcow2" if active else "top.qcow2")
     subprocess.run(["cat", str(d / "data.raw")], stdout=subprocess.DEVNULL, check=True)
-    proc, sock = start(kind, d)
-    quit_sent = False
-    try:
-        q = Qmp(sock)
-        q.cmd("blockdev-add", node("base", d / "base.qcow2", "qcow2"))
-        if not active:
-            q.cmd("blockdev-add", node("mid", d / "mid.qcow2", "qcow2", backing="base"))
-        q.cmd("blockdev-add", node("top", top, "qcow2", backing="base" if active else "mid"))
-        t0 = time.perf_counter()
+    nodes = [node("base", d / "base.qcow2", "qcow2")]
+    if not active:
+        nodes.append(node("mid", d / "mid.qcow2", "qcow2", backing="base"))
+    nodes.append(node("top", top, "qcow2", backing="base" if active else "mid"))
+
+    def job(q: Qmp) -> None:
         if active:
             q.cmd("block-commit", {"job-id": "c", "device": "top"})
             q.wait_event("BLOCK_JOB_READY")
             q.cmd("block-job-complete", {"device": "c"})
         else:
             q.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "mid"})
-        ev = q.wait_event("BLOCK_JOB_COMPLETED")
-        elapsed = time.perf_counter() - t0
-        if "error" in ev["data"]:
-            raise RuntimeError(f"{kind}: commit failed: {ev['data']['error']}")
-        rss = peak_rss_mib(proc.pid)
-        q.cmd("quit")
-        quit_sent = True
-    finally:
-        stop(proc, 30 if quit_sent else 0)
+
+    elapsed, rss = timed_job(kind, d, nodes, job)
     res = subprocess.run(
         ["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", d / "base.qcow2", d / "data.raw"],
         capture_output=True,

@@ -17,37 +17,23 @@ import argparse
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_backup import peak_rss_mib
-from benchlib import GiB, Qmp, make_target, node, random_image, run, same, start, stop
+from benchlib import GiB, Qmp, make_target, node, random_image, run, same, timed_job
 
 
 def run_one(kind: str, d: Path, src: Path, fmt: str, size: int) -> tuple[float, float]:
     tgt = d / f"target.{fmt}"
     make_target(tgt, fmt, size)
     subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # warm the cache
-    proc, sock = start(kind, d)
-    quit_sent = False
-    try:
-        q = Qmp(sock)
-        q.cmd("blockdev-add", node("src", src, fmt))
-        q.cmd("blockdev-add", node("tgt", tgt, fmt))
-        t0 = time.perf_counter()
+
+    def job(q: Qmp) -> None:
         q.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt", "sync": "full"})
         q.wait_event("BLOCK_JOB_READY")
         q.cmd("block-job-complete", {"device": "m"})
-        ev = q.wait_event("BLOCK_JOB_COMPLETED")
-        elapsed = time.perf_counter() - t0
-        if "error" in ev["data"]:
-            raise RuntimeError(f"{kind}: mirror failed: {ev['data']['error']}")
-        rss = peak_rss_mib(proc.pid)
-        q.cmd("quit")
-        quit_sent = True
-    finally:
-        stop(proc, 30 if quit_sent else 0)
+
+    elapsed, rss = timed_job(kind, d, [node("src", src, fmt), node("tgt", tgt, fmt)], job)
     ok = same(src, tgt, fmt)
     tgt.unlink()
     if not ok:

@@ -22,7 +22,7 @@ from benchlib import ROOT, MiB, random_image, run, start, stop
 from qemu.qmp import QMPClient
 
 sys.path.insert(0, str(ROOT / "tests" / "jobs"))
-from guestload import Guest, first_difference  # noqa: E402
+from guestload import Guest, first_difference
 
 
 async def _wait(qmp: QMPClient, job: str, status: str) -> None:
@@ -47,11 +47,15 @@ async def one(d: Path, data: Path, size: int, commit: bool, seed: int) -> str:
         await qmp.connect(str(sock))
         await qmp.execute(
             "blockdev-add",
-            {"driver": "qcow2", "node-name": "dst",
-             "file": {"driver": "file", "filename": str(dst)}},
+            {
+                "driver": "qcow2",
+                "node-name": "dst",
+                "file": {"driver": "file", "filename": str(dst)},
+            },
         )
         opts: dict[str, Any] = {
-            "driver": "qcow2", "node-name": "src",
+            "driver": "qcow2",
+            "node-name": "src",
             "file": {"driver": "file", "filename": str(src)},
         }
         if commit:
@@ -64,7 +68,8 @@ async def one(d: Path, data: Path, size: int, commit: bool, seed: int) -> str:
             "block-export-add",
             {"type": "nbd", "id": "e", "node-name": "src", "name": "e", "writable": True},
         )
-        guest = Guest(d / "nbd.sock", "e", data.read_bytes(), seed, writers=4)
+        initial = await asyncio.to_thread(data.read_bytes)
+        guest = Guest(d / "nbd.sock", "e", initial, seed, writers=4)
         await guest.start()
         t0 = time.perf_counter()
         if commit:

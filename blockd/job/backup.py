@@ -200,17 +200,9 @@ class BackupJob(BlockJob):
                 await self.sleep(3600)
         if self.sync == "top":
             await self.bcs.reset_unallocated(self)
-        while True:
-            try:
-                await self.bcs.run(0, self.bcs.len, max_workers=self.max_workers, pacer=self)
-                return
-            except BlockCopyError as exc:
-                action = self.error_action(exc.is_read, exc.errno)
-                if action == "report":
-                    raise OSError(exc.errno, strerror(exc.errno)) from exc
-                if action == "stop":
-                    await self.pause_point()
-                # ignore, or resumed after stop: retry what is still dirty
+        # after ignore, or a resume after stop: retry what is still dirty
+        while not await self.copy_round(self.bcs, 0, self.bcs.len, max_workers=self.max_workers):
+            pass
 
     async def commit(self) -> None:
         self._resolve_sync_bitmap(success=True)

@@ -22,8 +22,8 @@ from blockd.block.drivers.mirror_top import CommitTopDriver
 from blockd.block.node import BlockNode, BlockUser
 from blockd.block.perm import ChildRole, Perm, perm_update
 from blockd.block.snapshot import reopen_read_only
-from blockd.copy.block_copy import BlockCopy, BlockCopyError
-from blockd.errors import QmpError, strerror
+from blockd.copy.block_copy import BlockCopy
+from blockd.errors import QmpError
 from blockd.job.blockjob import BlockJob
 from blockd.qapi.job import BlockdevOnError, JobType
 
@@ -81,7 +81,7 @@ class CommitJob(BlockJob):
         :meth:`uninstall`."""
         graph, top, base = self.graph, self.top, self.base
         if self.base_was_read_only:
-            await reopen_read_only(base, False)
+            await reopen_drained(graph, base, False)
         node = graph.new_filter(CommitTopDriver, filter_node_name)
         graph.insert_filter(node, top)
         node.read_only = True  # it never writes (QEMU opens it without BDRV_O_RDWR)
@@ -133,7 +133,7 @@ class CommitJob(BlockJob):
     async def _restore_base(self) -> None:
         if self.base_was_read_only and not self.base.read_only:
             try:
-                await reopen_read_only(self.base, True)
+                await reopen_drained(self.graph, self.base, True)
             except (OSError, QmpError) as exc:
                 log.warning("reopening %s read-only failed: %s", self.base.node_name, exc)
 
@@ -155,18 +155,9 @@ class CommitJob(BlockJob):
             on_task=self.account,
         )
         bcs.copy_bitmap.set_all()
-        while True:
-            try:
-                if self.speed:
-                    bcs.max_chunk = COMMIT_BUFFER_SIZE
-                await bcs.run(0, length, pacer=self)
-                return
-            except BlockCopyError as exc:
-                action = self.error_action(exc.is_read, exc.errno)
-                if action == "report":
-                    raise OSError(exc.errno, strerror(exc.errno)) from exc
-                if action == "stop":
-                    await self.pause_point()
+        while not await self.copy_round(bcs, 0, length):
+            if self.speed:
+                bcs.max_chunk = COMMIT_BUFFER_SIZE
 
     def _progress(self, nbytes: int) -> None:
         self.progress_current += nbytes
@@ -199,6 +190,13 @@ class CommitJob(BlockJob):
         self._release_nodes()
         self._remove_filter()
         await self._restore_base()
+
+
+async def reopen_drained(graph: BlockGraph, node: BlockNode, read_only: bool) -> None:
+    """Switch *node* between read-only and read-write with its users held meanwhile (QEMU's
+    bdrv_reopen drains the node itself)."""
+    async with graph.drained(node):
+        await reopen_read_only(node, read_only)
 
 
 async def _update_backing_link(overlay: BlockNode, name: str, fmt: str) -> None:

@@ -37,7 +37,7 @@ from blockd.block.drivers.mirror_top import MirrorTopDriver
 from blockd.block.node import BlockNode, BlockUser, inside_graph, leave_graph
 from blockd.block.perm import ChildRole, Perm, perm_update, refresh
 from blockd.block.snapshot import reopen_read_only
-from blockd.copy.block_copy import BlockCopy, BlockCopyError
+from blockd.copy.block_copy import BlockCopy
 from blockd.errors import QmpError, strerror
 from blockd.job.blockjob import BlockJob
 from blockd.qapi.job import BlockdevOnError, JobType
@@ -414,17 +414,12 @@ class MirrorJob(BlockJob):
     async def _copy_round(self, length: int) -> bool:
         """Copy until nothing is dirty or in flight; False after a failure whose policy
         says go on (ignore, or stop and then resumed)."""
-        try:
-            await self.bcs.run(0, length, max_workers=MAX_IN_FLIGHT, pacer=self)
-        except BlockCopyError as exc:
-            action = self.error_action(exc.is_read, exc.errno)
-            if action == "report":
-                raise OSError(exc.errno, strerror(exc.errno)) from exc
+        done = await self.copy_round(
+            self.bcs, 0, length, max_workers=MAX_IN_FLIGHT, on_stop=self._unquiesce
+        )
+        if not done:
             self._unquiesce()
-            if action == "stop":
-                await self.pause_point()
-            return False
-        return True
+        return done
 
     async def _finish(self, length: int) -> bool:
         """Stop the guest and look once more; True when the target is in sync with the
@@ -558,7 +553,8 @@ class MirrorJob(BlockJob):
         back_ro = abort or not self.should_complete or failure is not None
         if self.is_commit and back_ro and self.base_was_read_only and not target.read_only:
             try:
-                await reopen_read_only(target, True)
+                async with self.graph.drained(target):
+                    await reopen_read_only(target, True)
             except (OSError, QmpError) as exc:
                 log.warning("reopening %s read-only failed: %s", target.node_name, exc)
         if failure is not None:

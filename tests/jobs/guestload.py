@@ -9,8 +9,14 @@ between (pivots included)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+from support import EventLog, check_image, connect, start_blockd
 
 from blockd.nbd.client import NbdClient
 
@@ -89,3 +95,41 @@ def first_difference(a: bytes, b: bytes) -> int:
                 i for i, (x, y) in enumerate(zip(a[pos:], b[pos:], strict=False)) if x != y
             )
     return min(len(a), len(b))
+
+
+@contextlib.asynccontextmanager
+async def daemon_with_nbd(tmp: Path) -> AsyncIterator[tuple[QMPClient, EventLog]]:
+    """blockd in *tmp* with its NBD server on ``tmp/nbd.sock``; must exit cleanly."""
+    daemon = start_blockd(tmp)
+    try:
+        async with connect(daemon.sock) as (qmp, log):
+            await qmp.execute(
+                "nbd-server-start",
+                {"addr": {"type": "unix", "data": {"path": str(tmp / "nbd.sock")}}},
+            )
+            yield qmp, log
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
+async def add_qcow2(qmp: QMPClient, d: Path, name: str, backing: str | None = None) -> None:
+    opts: dict[str, Any] = {
+        "driver": "qcow2",
+        "node-name": name,
+        "file": {"driver": "file", "filename": str(d / f"{name}.qcow2")},
+    }
+    if backing is not None:
+        opts["backing"] = backing
+    await qmp.execute("blockdev-add", opts)
+
+
+async def drop_export_and_nodes(
+    qmp: QMPClient, log: EventLog, d: Path, export: str, since: int, *nodes: str
+) -> None:
+    """Delete the export and the nodes; every image must then pass qemu-img check."""
+    await qmp.execute("block-export-del", {"id": export})
+    await log.wait_for(lambda e: e in log.events[since:] and e["event"] == "BLOCK_EXPORT_DELETED")
+    for name in nodes:
+        await qmp.execute("blockdev-del", {"node-name": name})
+    for name in nodes:
+        assert check_image(d / f"{name}.qcow2")["rc"] == 0

@@ -10,9 +10,8 @@ import os
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.block.perm import Perm
-from blockd.block.snapshot import reopen_read_only
 from blockd.errors import DeviceNotFoundError, QmpError
-from blockd.job.commit import start_commit
+from blockd.job.commit import reopen_drained, start_commit
 from blockd.job.mirror import MirrorParams, chain_contains, is_root, let_start, start_mirror
 from blockd.qapi.job import BlockdevOnError
 from blockd.qapi.mirror import BlockCommit
@@ -120,7 +119,7 @@ async def qmp_block_commit(ctx: Context, args: BlockCommit) -> None:
             raise QmpError("'backing-file' specified, but 'top' has a writer on it")
         base_ro = base.read_only
         if base_ro:
-            await reopen_read_only(base, False)
+            await reopen_drained(graph, base, False)
         p = MirrorParams(
             job_id=args.job_id or "",
             speed=speed,
@@ -134,7 +133,7 @@ async def qmp_block_commit(ctx: Context, args: BlockCommit) -> None:
             job = start_mirror(ctx.daemon.jobs, graph, top, base, p, base=base, is_commit=True)
         except BaseException:
             if base_ro:
-                await reopen_read_only(base, True)
+                await reopen_drained(graph, base, True)
             raise
         job.base_was_read_only = base_ro
         await let_start(job)

@@ -29,7 +29,7 @@ from support import run as run_tool
 MiB = 1024 * 1024
 
 
-@pytest.mark.parametrize("end", ["complete", "cancel"])
+@pytest.mark.parametrize("end", ["complete", pytest.param("cancel", marks=pytest.mark.slow)])
 def test_drive_mirror_full(tmp_path: Path, end: str) -> None:
     """``drive-mirror device=node-D target=e.qcow2 sync=full``: READY, then either the guest
     moves to [E] (complete) or [E] is the chain as it was at the cancel."""

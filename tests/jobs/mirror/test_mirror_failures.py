@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from diffsupport import MiB, Session, blkdebug_raw_node, compare, raw_image, raw_node
-from guestload import Guest, first_difference
+from guestload import Guest, add_qcow2, daemon_with_nbd, drop_export_and_nodes, first_difference
 from jobdiff import both, graph
-from support import check_image, connect, needs_qsd, qemu_img, start_blockd
+from support import needs_qsd, qemu_img
 
 
 def _build(d: Path) -> None:
@@ -34,7 +34,7 @@ def _names(s: Session) -> list[str]:
 
 @needs_qsd
 @pytest.mark.qsd
-@pytest.mark.parametrize("policy", ["report", "ignore"])
+@pytest.mark.parametrize("policy", ["report", pytest.param("ignore", marks=pytest.mark.slow)])
 def test_source_read_errors(tmp_path: Path, policy: str) -> None:
     """A source whose reads fail once: on-source-error report ends the job with the error,
     ignore copies the range again and completes."""
@@ -71,8 +71,8 @@ def test_source_read_errors(tmp_path: Path, policy: str) -> None:
         ("report", 5, False),
         ("ignore", 5, True),
         ("stop", 5, True),
-        ("enospc", 28, True),
-        ("enospc", 5, False),
+        pytest.param("enospc", 28, True, marks=pytest.mark.slow),
+        pytest.param("enospc", 5, False, marks=pytest.mark.slow),
     ],
 )
 def test_target_write_errors(tmp_path: Path, policy: str, errno: int, once: bool) -> None:
@@ -149,15 +149,8 @@ async def _cancel_at_random(d: Path, seed: int, qmp: Any, log: Any, commit: bool
         qemu_img("convert", "-n", "-O", "qcow2", "-f", "raw", d / "init.raw", d / f"{src}.qcow2")
         (d / f"{dst}.qcow2").unlink()
         qemu_img("create", "-f", "qcow2", d / f"{dst}.qcow2", str(size))
-    for name in (dst, src):
-        opts: dict[str, Any] = {
-            "driver": "qcow2",
-            "node-name": name,
-            "file": {"driver": "file", "filename": str(d / f"{name}.qcow2")},
-        }
-        if commit and name == src:
-            opts["backing"] = dst
-        await qmp.execute("blockdev-add", opts)
+    await add_qcow2(qmp, d, dst)
+    await add_qcow2(qmp, d, src, backing=dst if commit else None)
     before = _shape(await qmp.execute("query-named-block-nodes"))
     await qmp.execute(
         "block-export-add",
@@ -197,25 +190,12 @@ async def _cancel_at_random(d: Path, seed: int, qmp: Any, log: Any, commit: bool
     # the guest stayed on its disk, which holds all it wrote
     assert [e["node-name"] for e in await qmp.execute("query-block-exports")] == [src]
     assert first_difference(await guest.read_all(), bytes(guest.shadow)) < 0
-    await qmp.execute("block-export-del", {"id": "e"})
-    await log.wait_for(lambda e: e in log.events[since:] and e["event"] == "BLOCK_EXPORT_DELETED")
     assert _shape(await qmp.execute("query-named-block-nodes")) == before
-    await qmp.execute("blockdev-del", {"node-name": src})
-    await qmp.execute("blockdev-del", {"node-name": dst})
-    for name in (src, dst):
-        assert check_image(d / f"{name}.qcow2")["rc"] == 0
+    await drop_export_and_nodes(qmp, log, d, "e", since, src, dst)
 
 
 @pytest.mark.parametrize("commit", [False, True], ids=["mirror", "active-commit"])
 async def test_cancel_at_random_moments(tmp_path: Path, commit: bool) -> None:
-    daemon = start_blockd(tmp_path)
-    try:
-        async with connect(daemon.sock) as (qmp, log):
-            await qmp.execute(
-                "nbd-server-start",
-                {"addr": {"type": "unix", "data": {"path": str(tmp_path / "nbd.sock")}}},
-            )
-            for seed in range(4):
-                await _cancel_at_random(tmp_path, seed, qmp, log, commit)
-    finally:
-        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+    async with daemon_with_nbd(tmp_path) as (qmp, log):
+        for seed in range(3):
+            await _cancel_at_random(tmp_path, seed, qmp, log, commit)

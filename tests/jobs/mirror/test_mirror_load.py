@@ -11,9 +11,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from guestload import Guest, first_difference
+from guestload import Guest, add_qcow2, daemon_with_nbd, drop_export_and_nodes, first_difference
 from qemu.qmp import QMPClient
-from support import EventLog, check_image, connect, qemu_img, start_blockd
+from support import EventLog, qemu_img
 
 MiB = 1024 * 1024
 SIZE = 2 * MiB
@@ -58,35 +58,13 @@ async def _run_seed(qmp: QMPClient, log: EventLog, d: Path, seed: int, commit: b
         # the guest's disk is the active layer over a base holding the initial data
         _image(d / f"{dst}.qcow2", initial)
         _image(d / f"{src}.qcow2", None, backing=d / f"{dst}.qcow2")
-        await qmp.execute(
-            "blockdev-add",
-            {
-                "driver": "qcow2",
-                "node-name": dst,
-                "file": {"driver": "file", "filename": str(d / f"{dst}.qcow2")},
-            },
-        )
-        await qmp.execute(
-            "blockdev-add",
-            {
-                "driver": "qcow2",
-                "node-name": src,
-                "backing": dst,
-                "file": {"driver": "file", "filename": str(d / f"{src}.qcow2")},
-            },
-        )
+        await add_qcow2(qmp, d, dst)
+        await add_qcow2(qmp, d, src, backing=dst)
     else:
         _image(d / f"{src}.qcow2", initial)
         _image(d / f"{dst}.qcow2", None)
-        for name in (src, dst):
-            await qmp.execute(
-                "blockdev-add",
-                {
-                    "driver": "qcow2",
-                    "node-name": name,
-                    "file": {"driver": "file", "filename": str(d / f"{name}.qcow2")},
-                },
-            )
+        await add_qcow2(qmp, d, src)
+        await add_qcow2(qmp, d, dst)
     await qmp.execute(
         "block-export-add",
         {"type": "nbd", "id": f"e{seed}", "node-name": src, "name": f"e{seed}", "writable": True},
@@ -117,26 +95,13 @@ async def _run_seed(qmp: QMPClient, log: EventLog, d: Path, seed: int, commit: b
     seen = await guest.read_all()
     diff = first_difference(seen, bytes(guest.shadow))
     assert diff < 0, f"seed {seed}: the guest's disk differs at {diff} after {guest.ops} writes"
-    await qmp.execute("block-export-del", {"id": f"e{seed}"})
-    await log.wait_for(lambda e: e["event"] == "BLOCK_EXPORT_DELETED" and e in log.events[since:])
-    await qmp.execute("blockdev-del", {"node-name": src})
-    await qmp.execute("blockdev-del", {"node-name": dst})
-    for name in (src, dst):
-        assert check_image(d / f"{name}.qcow2")["rc"] == 0
+    await drop_export_and_nodes(qmp, log, d, f"e{seed}", since, src, dst)
 
 
 async def _seeds(tmp_path: Path, commit: bool) -> None:
-    daemon = start_blockd(tmp_path)
-    try:
-        async with connect(daemon.sock) as (qmp, log):
-            await qmp.execute(
-                "nbd-server-start",
-                {"addr": {"type": "unix", "data": {"path": str(tmp_path / "nbd.sock")}}},
-            )
-            for seed in SEEDS:
-                await _run_seed(qmp, log, tmp_path, seed, commit)
-    finally:
-        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+    async with daemon_with_nbd(tmp_path) as (qmp, log):
+        for seed in SEEDS:
+            await _run_seed(qmp, log, tmp_path, seed, commit)
 
 
 async def test_mirror_under_guest_writes(tmp_path: Path) -> None:

@@ -51,8 +51,8 @@ def _serve(img: Path, name: str, where: str | int) -> subprocess.Popen[bytes]:
 
 FORMS = [
     "nbd:unix:{sock}:exportname=disk",
-    "nbd:127.0.0.1:{port}:exportname=disk",
-    "nbd+unix:///disk?socket={sock}",
+    pytest.param("nbd:127.0.0.1:{port}:exportname=disk", marks=pytest.mark.slow),
+    pytest.param("nbd+unix:///disk?socket={sock}", marks=pytest.mark.slow),
     "nbd://127.0.0.1:{port}/disk",
 ]
 
