@@ -21,8 +21,8 @@ from typing import Any
 from benchlib import ROOT, MiB, random_image, run, start, stop
 from qemu.qmp import QMPClient
 
-sys.path.insert(0, str(ROOT / "tests" / "jobs"))
-from guestload import Guest, first_difference
+sys.path[:0] = [str(ROOT / "tests" / "jobs"), str(ROOT / "tests"), str(ROOT)]
+from guestload import Guest, first_difference  # noqa: E402 - after the path it needs
 
 
 async def _wait(qmp: QMPClient, job: str, status: str) -> None:
