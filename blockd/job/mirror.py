@@ -40,6 +40,7 @@ from blockd.block.snapshot import reopen_read_only
 from blockd.copy.block_copy import BlockCopy
 from blockd.errors import QmpError, strerror
 from blockd.job.blockjob import BlockJob
+from blockd.job.core import JobCancelled
 from blockd.qapi.job import BlockdevOnError, JobType
 
 if TYPE_CHECKING:
@@ -206,6 +207,8 @@ class MirrorJob(BlockJob):
         self.write_error = 0
         self.base_was_read_only = False
         self._quiesced: list[BlockNode] | None = None
+        #: Sleeping until the guest writes something (in sync, nothing to copy).
+        self._idle = False
         self._prepared = False
         self._cleaned = False
 
@@ -223,7 +226,10 @@ class MirrorJob(BlockJob):
         self.progress_total = self.progress_current + max(left, 0)
 
     def _dirtied(self) -> None:
-        self.enter()
+        # Only a job waiting for work is woken: one sleeping for its speed limit must not be
+        # woken by every guest write.
+        if self._idle:
+            self.enter()
 
     # -- the write-blocking path (called by mirror_top) ----------------------------------
     def copies_writes(self) -> bool:
@@ -404,12 +410,19 @@ class MirrorJob(BlockJob):
                 if not await self._flush_target():
                     continue
                 # READY says the target was in sync once (QEMU does not look again after
-                # the flush): what the guest wrote meanwhile is copied as usual.
+                # the flush): what the guest wrote meanwhile is copied as usual. A job
+                # cancelled meanwhile never says READY.
+                if self.force_cancel:
+                    raise JobCancelled
                 self.emit_ready()
             if (self.should_complete or self.cancelled) and await self._finish(length):
                 return
             if not self.bcs.dirty_bytes():
-                await self.sleep(IDLE_SLEEP)
+                self._idle = True
+                try:
+                    await self.sleep(IDLE_SLEEP)
+                finally:
+                    self._idle = False
 
     async def _copy_round(self, length: int) -> bool:
         """Copy until nothing is dirty or in flight; False after a failure whose policy
@@ -427,11 +440,14 @@ class MirrorJob(BlockJob):
 
         QEMU lets the guest go again whenever it finds new dirty data here, which under
         steady writes can put off the end for long. blockd copies that remainder with the
-        guest held instead, when there is not much of it and no speed limit applies: the
-        guest waits for a short copy and the job ends."""
+        guest held instead, when there is not much of it: the guest waits for a short copy
+        and the job ends. Under a speed limit, up to what the limit copies in about a second
+        (a throttled job under heavy writes would otherwise never end)."""
         await self._quiesce()
         dirty = self.bcs.dirty_bytes()
-        if dirty and (self.rate_limited() or dirty > FINAL_COPY_MAX):
+        # under a speed limit, at most about a second's worth keeps the guest waiting
+        limit = max(self.speed, MiB) if self.rate_limited() else FINAL_COPY_MAX
+        if dirty > limit:
             self._unquiesce()
             return False
         token = inside_graph()

@@ -24,12 +24,22 @@ STRIPE = 256 * 1024
 
 
 class Guest:
-    def __init__(self, sock: Path, export: str, initial: bytes, seed: int, writers: int = 2):
+    def __init__(
+        self,
+        sock: Path,
+        export: str,
+        initial: bytes,
+        seed: int,
+        writers: int = 2,
+        pause: float = 0.0,
+    ):
         self.address = ("unix", str(sock))
         self.export = export
         self.shadow = bytearray(initial)
         self.rng = random.Random(seed)
         self.writers = writers
+        #: Seconds each writer waits between writes (0: as fast as it can).
+        self.pause = pause
         self.stop = asyncio.Event()
         self.ops = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -58,7 +68,7 @@ class Guest:
                     await client.write(off, data)
                 self.shadow[off : off + n] = data
                 self.ops += 1
-                await asyncio.sleep(0)
+                await asyncio.sleep(self.pause)
         finally:
             await client.disconnect()
 

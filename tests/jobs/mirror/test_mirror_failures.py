@@ -156,11 +156,13 @@ async def _cancel_at_random(d: Path, seed: int, qmp: Any, log: Any, commit: bool
         "block-export-add",
         {"type": "nbd", "id": "e", "node-name": src, "name": "e", "writable": True},
     )
-    guest = Guest(d / "nbd.sock", "e", initial, seed)
+    # a guest slower than the job's speed limit: a throttled job never catches up with a
+    # faster one (in QEMU neither), and a cancel after READY must then wait for ever
+    guest = Guest(d / "nbd.sock", "e", initial, seed, pause=0.01)
     await guest.start()
     since = len(log.events)
     if commit:
-        await qmp.execute("block-commit", {"job-id": "j", "device": src, "speed": 8 * MiB})
+        await qmp.execute("block-commit", {"job-id": "j", "device": src, "speed": 32 * MiB})
     else:
         await qmp.execute(
             "blockdev-mirror",
@@ -169,7 +171,7 @@ async def _cancel_at_random(d: Path, seed: int, qmp: Any, log: Any, commit: bool
                 "device": src,
                 "target": dst,
                 "sync": "full",
-                "speed": 8 * MiB,
+                "speed": 32 * MiB,
                 "copy-mode": rng.choice(["background", "write-blocking"]),
             },
         )
