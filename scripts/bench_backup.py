@@ -25,19 +25,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchlib import ROOT, GiB, MiB, Qmp, make_target, node, random_image, run, same, start, stop
+from benchlib import (  # noqa: F401 - peak_rss_mib, Qmp, start: other scripts import them here
+    ROOT,
+    GiB,
+    MiB,
+    Qmp,
+    make_target,
+    node,
+    peak_rss_mib,
+    random_image,
+    run,
+    same,
+    start,
+    stop,
+    timed_job,
+)
 
 # Helper scripts import Qmp, start, node, make_target, peak_rss_mib and run_one from here.
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def make_images(
@@ -74,23 +80,14 @@ def run_one(kind: str, d: Path, src: Path, fmt: str, size: int) -> tuple[float, 
     tgt = d / f"target.{fmt}"
     make_target(tgt, fmt, size)
     subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # warm the cache
-    proc, sock = start(kind, d)
-    quit_sent = False
-    try:
-        q = Qmp(sock)
-        q.cmd("blockdev-add", node("src", src, fmt))
-        q.cmd("blockdev-add", node("tgt", tgt, fmt))
-        t0 = time.perf_counter()
-        q.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt", "sync": "full"})
-        ev = q.wait_event("BLOCK_JOB_COMPLETED")
-        elapsed = time.perf_counter() - t0
-        if "error" in ev["data"]:
-            raise RuntimeError(f"{kind}: backup failed: {ev['data']['error']}")
-        rss = peak_rss_mib(proc.pid)
-        q.cmd("quit")
-        quit_sent = True
-    finally:
-        stop(proc, 30 if quit_sent else 0)
+    elapsed, rss = timed_job(
+        kind,
+        d,
+        [node("src", src, fmt), node("tgt", tgt, fmt)],
+        lambda q: q.cmd(
+            "blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt", "sync": "full"}
+        ),
+    )
     ok = same(src, tgt, fmt)
     tgt.unlink()
     if not ok:

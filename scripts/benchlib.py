@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,40 @@ def stop(proc: subprocess.Popen[bytes], wait: float = 0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed_job(
+    kind: str, d: Path, nodes: list[dict[str, Any]], job: Callable[[Qmp], None]
+) -> tuple[float, float]:
+    """Start *kind* in *d*, add *nodes*, then time *job* (it starts a block job and does what
+    the job needs, READY and complete for a mirror) up to BLOCK_JOB_COMPLETED. Returns the
+    seconds and the daemon's peak RSS in MiB; raises when the job failed."""
+    proc, sock = start(kind, d)
+    quit_sent = False
+    try:
+        q = Qmp(sock)
+        for opts in nodes:
+            q.cmd("blockdev-add", opts)
+        t0 = time.perf_counter()
+        job(q)
+        ev = q.wait_event("BLOCK_JOB_COMPLETED")
+        elapsed = time.perf_counter() - t0
+        if "error" in ev["data"]:
+            raise RuntimeError(f"{kind}: job failed: {ev['data']['error']}")
+        rss = peak_rss_mib(proc.pid)
+        q.cmd("quit")
+        quit_sent = True
+    finally:
+        stop(proc, 30 if quit_sent else 0)
+    return elapsed, rss
 
 
 def node(name: str, path: Path, fmt: str, **extra: Any) -> dict[str, Any]:

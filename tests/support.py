@@ -119,7 +119,11 @@ def start_blockd(
 
 
 def start_qsd(
-    tmp: Path, *extra: str, name: str = "qsd", env: dict[str, str] | None = None
+    tmp: Path,
+    *extra: str,
+    name: str = "qsd",
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Daemon:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
@@ -136,6 +140,7 @@ def start_qsd(
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=cwd,
         )
     wait_for_socket(sock, proc)
     return Daemon(proc, sock, log)

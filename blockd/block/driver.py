@@ -154,6 +154,11 @@ class BlockDriver:
     def on_backing_attached(self, backing: BlockNode | None) -> None:
         """A backing node was attached (a snapshot) or dropped by a graph change."""
 
+    async def open_backing_from_header(self, graph: BlockGraph) -> None:
+        """Open the backing file the image names, for a node opened with ``backing: null``
+        (a drive-mirror target with mode=existing gets its chain at completion). Formats
+        without backing files have nothing to open."""
+
     def actual_size(self) -> int | None:
         """Bytes allocated on the host, when the driver knows (file: st_blocks * 512)."""
         return None

@@ -335,6 +335,18 @@ class BlockGraph:
         Every graph change that moves edges under running I/O (snapshot, pivot, reopen,
         block_resize, backing change) runs inside one.
         """
+        closure = await self.quiesce_begin(*nodes)
+        token = inside_graph()
+        try:
+            yield
+        finally:
+            leave_graph(token)
+            self.quiesce_end(closure)
+
+    async def quiesce_begin(self, *nodes: BlockNode) -> list[BlockNode]:
+        """The first half of :meth:`drained`, for a section that a job opens in one step and
+        closes in another (a mirror holds its source quiesced from the moment it found it
+        in sync until the pivot is done). Returns what :meth:`quiesce_end` takes."""
         closure: list[BlockNode] = []
         todo = list(nodes)
         while todo:
@@ -345,16 +357,17 @@ class BlockGraph:
             todo.extend(e.parent for e in n.parents if isinstance(e.parent, BlockNode))
         for n in closure:
             n.begin_quiesce()
-        token = inside_graph()
         try:
-            waits = [ev for n in closure for ev in n.in_flight_events()]
-            for ev in waits:
+            for ev in [ev for n in closure for ev in n.in_flight_events()]:
                 await ev.wait()
-            yield
-        finally:
-            leave_graph(token)
-            for n in closure:
-                n.end_quiesce()
+        except BaseException:
+            self.quiesce_end(closure)
+            raise
+        return closure
+
+    def quiesce_end(self, closure: list[BlockNode]) -> None:
+        for n in closure:
+            n.end_quiesce()
 
     # -- filters -------------------------------------------------------------------------
     def new_filter(self, cls: type[BlockDriver], name: str | None) -> BlockNode:
@@ -387,7 +400,9 @@ class BlockGraph:
             self.nodes[node.node_name] = node
             upd.undo.append(lambda: self._forget(node))
             try:
-                own = self.attach(node, below, "file", ChildRole.filtered(), update=upd)
+                own = self.attach(
+                    node, below, node.driver.child_name, ChildRole.filtered(), update=upd
+                )
                 for name, child, role in extra_children:
                     self.attach(node, child, name, role, update=upd)
             except QmpError as exc:

@@ -161,6 +161,18 @@ class BlockUser:
             upd.undo.append(undo)
             refresh([edge.node], upd)
 
+    @staticmethod
+    async def current_node(edge: BdrvChild) -> BlockNode:
+        """The node a new request on *edge* goes to. While a graph change holds the node
+        quiesced the request waits, then looks again: a pivot may have moved the edge, and
+        the request belongs to the node the user is on afterwards (QEMU's BlockBackend
+        queues requests during a drain for the same reason)."""
+        node = edge.node
+        while node.quiesce and not _INSIDE.get():
+            await node.wait_unquiesced()
+            node = edge.node
+        return node
+
     def adopt(self, edge: BdrvChild) -> None:
         """Take over *edge* from another user (an export built after its node was taken)."""
         old = edge.parent
@@ -373,6 +385,12 @@ class BlockNode:
         arrive meanwhile are not waited for (a steady writer cannot starve the caller)."""
         for done in self.in_flight_events():
             await done.wait()
+
+    async def wait_unquiesced(self) -> None:
+        """Until no drained section holds this node (users that are not nodes call this
+        before they pick the node for a request: see :meth:`BlockUser.current_node`)."""
+        while self.quiesce and not _INSIDE.get():
+            await self._unquiesced.wait()
 
     def begin_quiesce(self) -> None:
         self.quiesce += 1

@@ -44,7 +44,8 @@ def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
     }
     # QEMU replaces the header's name by the backing node's filename once one is attached.
     backing = node.backing
-    backing_name = backing.filename if backing is not None else None
+    # A job filter's child is its backing, but it has no header naming one.
+    backing_name = backing.filename if backing is not None and not node.driver.is_filter else None
     backing_name = backing_name or node.driver.header_backing_name()
     if backing_name:
         out["backing_file"] = backing_name

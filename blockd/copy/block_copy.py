@@ -23,15 +23,24 @@ Reads of the source bypass the source node's own request tracking: the copy-befo
 runs *inside* a guest write request on that node, and a serialising request (write-zeroes,
 unaligned write) would otherwise wait for itself. Correctness comes from the cluster bookkeeping
 here instead: a cluster is only read while no write to it can pass the hook.
+
+Mirror and commit use the same engine with a **live** bitmap: guest writes set bits again while
+the job runs (:meth:`BlockCopy.mark_dirty`). Two extra rules make that safe: a claim never
+overlaps a task still in flight (a cluster dirtied again while it is being copied waits until
+that copy is done, so writes reach the target in order), and writes the guest sends straight to
+the target (mirror's write-blocking mode) register as in-flight ranges too
+(:meth:`BlockCopy.active_write`). ``max_bytes_in_flight`` bounds the data buffers in use
+(mirror's buf-size).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -132,6 +141,10 @@ class BlockCopy:
         on_progress: Callable[[int], None] | None = None,
         on_skip: Callable[[int], None] | None = None,
         on_task: Callable[[int], None] | None = None,
+        status_base: BlockNode | None = None,
+        zero_flags: WriteFlags = WriteFlags.MAY_UNMAP,
+        max_bytes_in_flight: int = 0,
+        count_zero_tasks: bool = True,
     ) -> None:
         # -- immutable after init
         self.source = source
@@ -146,6 +159,18 @@ class BlockCopy:
         #: a speed limit counts them all (copy-before-write is never held back, so the
         #: background copy waits for it instead), as QEMU's block-copy does.
         self.on_task = on_task or (lambda n: None)
+        #: With skip_unallocated: what lies at or below this node is not copied (commit's
+        #: base); None: only the source's own layer counts (backup sync=top).
+        self.status_base = status_base
+        #: Flags of the target writes that copy zero ranges (mirror's unmap=false drops
+        #: MAY_UNMAP).
+        self.zero_flags = zero_flags
+        #: Bound on the bytes of data tasks in flight (0: none); zero tasks use no buffer.
+        self.max_bytes_in_flight = max_bytes_in_flight
+        #: Whether zero tasks count against a speed limit (mirror does not count them).
+        self.count_zero_tasks = count_zero_tasks
+        #: Called after bits were set by :meth:`mark_dirty` (wakes a waiting job).
+        self.on_dirty: Callable[[], None] = lambda: None
         # -- changes while running (event loop only)
         self.skip_unallocated = skip_unallocated
         #: Bits still to copy.
@@ -193,7 +218,9 @@ class BlockCopy:
         """What the source holds from *offset*, for how long: ``skip``, ``zero`` or
         ``data``. A subclass with another notion of what to copy (stream: what lies between
         a node and its base) overrides this. **Raises** OSError."""
-        if self.skip_unallocated:
+        if self.skip_unallocated and self.status_base is not None:
+            ext = await self.source.block_status_above(offset, nbytes, self.status_base)
+        elif self.skip_unallocated:
             # The top layer alone: where it allocates, the whole chain's answer is its
             # answer (block_status_above would only ask it again).
             ext = await self.source.block_status(offset, nbytes)
@@ -203,22 +230,37 @@ class BlockCopy:
             return "skip", ext.length
         return ("zero" if ext.flags & BlockStatus.ZERO else "data"), ext.length
 
-    async def _claim(self, start: int, end: int, limited: bool) -> _Task | bool | None:
+    async def _claim(
+        self, start: int, end: int, limited: bool, room: int = 0
+    ) -> tuple[_Task] | _Task | bool | None:
         """Claim the next dirty run in ``[start, end)`` as a task.
 
-        Returns the task, True when a run was skipped as unallocated (bits cleared, progress
-        total reduced), or None when nothing in the range is dirty right now.
+        Returns the task, a one-tuple with a task in flight over the run's start (wait for
+        it, then try again), True when a run was skipped as unallocated (bits cleared,
+        progress total reduced) or changed meanwhile, or None when nothing in the range is
+        dirty right now.
         """
         bm = self.copy_bitmap
         area = bm.next_dirty_area(start, end)
         if area is None:
             return None
         pos, n = area
+        # A run never reaches into a task still in flight (a live bitmap dirties clusters
+        # being copied again): it stops before it.
+        for t in self._inflight:
+            if t.start < pos + n and pos < t.end:
+                if t.start <= pos:
+                    return (t,)
+                n = t.start - pos
         kind, slen = await self._status(pos, n)
         # Re-check after the await: another caller may have claimed some clusters meanwhile.
-        if not bm.get(pos):
+        if not bm.get(pos) or self._overlapping(pos, pos + min(slen, n)) is not None:
             return True
+        slen = min(slen, n)
         lim = slen if kind != "data" else min(slen, self._chunk(limited))
+        if kind == "data" and room:
+            # what is left of the buffer budget, in whole clusters (at least one)
+            lim = min(lim, max(room - room % self.cluster_size, self.cluster_size))
         if kind == "zero":
             # under a speed limit zero ranges move in the same steps as data
             lim = min(lim, self._chunk(True) if limited else ZERO_CHUNK)
@@ -256,7 +298,7 @@ class BlockCopy:
         is_read = False
         try:
             if zero:
-                await self.target.write_zeroes(offset, nbytes, WriteFlags.MAY_UNMAP)
+                await self.target.write_zeroes(offset, nbytes, self.zero_flags)
             else:
                 is_read = True
                 data = await self._read_source(offset, nbytes)
@@ -405,13 +447,22 @@ class BlockCopy:
                         return
                     await other.done.wait()  # a copy-before-write task: it may fail
                     continue
+                budget = self.max_bytes_in_flight
+                room = budget - self._data_bytes() if budget else 0
+                if budget and tasks and room < self.cluster_size:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    reap(done)
+                    continue
                 limited = pacer.rate_limited()
                 await pacer.pace()  # what was copied so far must be within the limit
-                got = await self._claim(peek[0], end, limited)
+                got = await self._claim(peek[0], end, limited, max(room, 0))
                 if isinstance(got, _Task):
-                    self.on_task(got.nbytes)
+                    if not got.zero or self.count_zero_tasks:
+                        self.on_task(got.nbytes)
                     tasks.add(asyncio.create_task(self._run_task(got)))
                     pos = got.end
+                elif isinstance(got, tuple):
+                    await got[0].done.wait()  # copied again once that copy is done
                 elif got is True:
                     continue
                 else:
@@ -428,6 +479,36 @@ class BlockCopy:
                 reap(done)
         if failure is not None:
             raise failure
+
+    def _data_bytes(self) -> int:
+        return sum(t.nbytes for t in self._inflight if not t.zero)
+
+    # -- the live feed of mirror and active commit ------------------------------------------
+    def mark_dirty(self, offset: int, nbytes: int) -> None:
+        """Guest data in the range changed after it may have been copied: copy it (again)."""
+        self.copy_bitmap.set(offset, nbytes)
+        self.on_dirty()
+
+    def dirty_bytes(self) -> int:
+        return self.copy_bitmap.count()
+
+    def bytes_in_flight(self) -> int:
+        return sum(t.nbytes for t in self._inflight)
+
+    @contextlib.asynccontextmanager
+    async def active_write(self, offset: int, nbytes: int) -> AsyncIterator[None]:
+        """A guest write that goes to the target itself (mirror copy-mode=write-blocking):
+        it waits until no copy overlaps its range, and holds the range in flight meanwhile
+        so that no copy starts under it; the data it writes reaches the target in order."""
+        start, end = self._align(offset, nbytes)
+        while (busy := self._overlapping(start, end)) is not None:
+            await busy.done.wait()
+        task = _Task(start, end, False)
+        self._inflight.append(task)
+        try:
+            yield
+        finally:
+            self._end_task(task)
 
     async def reset_unallocated(self, pacer: Pacer) -> None:
         """sync=top: clear every cluster the source's top layer does not allocate, up front,

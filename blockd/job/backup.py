@@ -221,22 +221,9 @@ class BackupJob(BlockJob):
                 await self.sleep(3600)
         if self.sync == "top":
             await self.bcs.reset_unallocated(self)
-        while True:
-            try:
-                await self.bcs.run(0, self.bcs.len, max_workers=self.max_workers, pacer=self)
-                break
-            except BlockCopyError as exc:
-                action = self.error_action(exc.is_read, exc.errno)
-                if action == "report":
-                    self.error_cause = (
-                        f"reading source '{self.source.node_name}'"
-                        if exc.is_read
-                        else f"writing target '{self.target.node_name}'"
-                    )
-                    raise OSError(exc.errno, strerror(exc.errno)) from exc
-                if action == "stop":
-                    await self.pause_point()
-                # ignore, or resumed after stop: retry what is still dirty
+        # after ignore, or a resume after stop: retry what is still dirty
+        while not await self.copy_round(self.bcs, 0, self.bcs.len, max_workers=self.max_workers):
+            pass
         # Durable before it is reported done (QSD does not flush): a copy of the target taken
         # right after BLOCK_JOB_COMPLETED, or a power cut then, finds the whole backup. A
         # failed flush fails the job: the backup may not be on disk.

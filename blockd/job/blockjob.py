@@ -5,9 +5,11 @@ commit are block jobs; ``blockdev-create`` is not."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any, ClassVar
 
-from blockd.errors import QmpError
+from blockd.copy.block_copy import DEFAULT_WORKERS, BlockCopy, BlockCopyError
+from blockd.errors import QmpError, strerror
 from blockd.io.ratelimit import RateLimit
 from blockd.job.core import Job
 from blockd.job.joblog import JobLog
@@ -93,6 +95,38 @@ class BlockJob(Job):
             self.user_paused = True
             self.pause()
         return action
+
+    async def copy_round(
+        self,
+        bcs: BlockCopy,
+        offset: int,
+        nbytes: int,
+        *,
+        max_workers: int = DEFAULT_WORKERS,
+        on_stop: Callable[[], None] | None = None,
+    ) -> bool:
+        """Copy what is dirty in the range under the job's error policy: True when all of it
+        was copied; False after a failure the policy lets the job go on from (``ignore``, or
+        ``stop`` and then resumed; what failed is dirty again for the next round). Raises
+        OSError for ``report``. *on_stop* runs before the job stops (mirror lets the guest
+        go first)."""
+        try:
+            await bcs.run(offset, nbytes, max_workers=max_workers, pacer=self)
+        except BlockCopyError as exc:
+            action = self.error_action(exc.is_read, exc.errno)
+            if action == "report":
+                self.error_cause = (
+                    f"reading source '{bcs.source.node_name}'"
+                    if exc.is_read
+                    else f"writing target '{bcs.target.node_name}'"
+                )
+                raise OSError(exc.errno, strerror(exc.errno)) from exc
+            if action == "stop":
+                if on_stop is not None:
+                    on_stop()
+                await self.pause_point()
+            return False
+        return True
 
     def _event_data(self) -> dict[str, Any]:
         return {

@@ -396,6 +396,17 @@ class Job:
     def pause(self) -> None:
         self.pause_count += 1
 
+    async def after_user_pause(self) -> None:
+        """QEMU's job_pause enters a job that sleeps, which then stops at its pause point
+        before the command replies. Jobs with long idle sleeps (a mirror in sync) wake here
+        and let the job get there first; others reach their pause point soon anyway."""
+        if self.started and not self.busy and not self.paused and not self.deferred:
+            self.enter()
+            for _ in range(20):
+                if self.paused or self.deferred:
+                    return
+                await asyncio.sleep(0)
+
     def user_resume(self) -> None:
         if not self.user_paused:
             raise QmpError("Can't resume a job that was not paused")

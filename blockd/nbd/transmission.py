@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from blockd.block.driver import WriteFlags
+from blockd.block.node import BlockUser
 from blockd.block.status import BlockStatus
 from blockd.errors import errno_of
 from blockd.io import heap
@@ -349,7 +350,7 @@ class NbdConnection:
             if t == P.CMD_BLOCK_STATUS:
                 await self._do_block_status(req)
                 return
-            node = export.node
+            node = await BlockUser.current_node(export.edge)
             fua = bool(req.flags & P.CMD_FLAG_FUA) or export.writethrough
             if t == P.CMD_WRITE:
                 await node.write(req.offset, payload, WriteFlags.FUA if fua else WriteFlags.NONE)
@@ -381,7 +382,7 @@ class NbdConnection:
     async def _do_read(self, req: P.Request) -> None:
         export = self.export
         assert export is not None
-        node = export.node
+        node = await BlockUser.current_node(export.edge)
         if req.length == 0:
             if self.structured:
                 self.write(P.chunk(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, req.handle, 0))

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 class FilterDriver(BlockDriver):
     is_filter = True
+    #: The name of the filtered child: QEMU's job filters mirror_top and commit_top hang
+    #: their child as ``backing`` (which query-named-block-nodes shows as a backing image).
+    child_name: str = "file"
 
     def __init__(self, node: BlockNode) -> None:
         super().__init__(node)
@@ -36,7 +39,7 @@ class FilterDriver(BlockDriver):
         """The node below. A request that entered the filter before it was taken out
         finishes on the node that was below it (QEMU's drained section holds such a
         request in the parent and sends it there; the effect is the same)."""
-        edge = self.node.children.get("file")
+        edge = self.node.children.get(self.child_name)
         if edge is not None:
             self._below = edge.node
         elif self._below is None:

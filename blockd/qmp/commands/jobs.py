@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from blockd.errors import QmpError
 from blockd.job.blockjob import BlockJob
 from blockd.qapi.job import (
     BlockJobCancelArgs,
@@ -31,7 +32,9 @@ async def qmp_query_block_jobs(ctx: Context, args: Any) -> list[dict[str, Any]]:
 
 @command("job-pause", JobIdArgs)
 async def qmp_job_pause(ctx: Context, args: JobIdArgs) -> None:
-    ctx.daemon.jobs.get(args.id).user_pause()
+    job = ctx.daemon.jobs.get(args.id)
+    job.user_pause()
+    await job.after_user_pause()
 
 
 @command("job-resume", JobIdArgs)
@@ -61,7 +64,9 @@ async def qmp_job_dismiss(ctx: Context, args: JobIdArgs) -> None:
 
 @command("block-job-pause", BlockJobDeviceArgs)
 async def qmp_block_job_pause(ctx: Context, args: BlockJobDeviceArgs) -> None:
-    ctx.daemon.jobs.get_block_job(args.device).user_pause()
+    job = ctx.daemon.jobs.get_block_job(args.device)
+    job.user_pause()
+    await job.after_user_pause()
 
 
 @command("block-job-resume", BlockJobDeviceArgs)
@@ -71,7 +76,10 @@ async def qmp_block_job_resume(ctx: Context, args: BlockJobDeviceArgs) -> None:
 
 @command("block-job-cancel", BlockJobCancelArgs)
 async def qmp_block_job_cancel(ctx: Context, args: BlockJobCancelArgs) -> None:
-    await ctx.daemon.jobs.get_block_job(args.device).user_cancel(force=bool(args.force))
+    job = ctx.daemon.jobs.get_block_job(args.device)
+    if job.user_paused and not args.force:
+        raise QmpError(f"The block job for device '{args.device}' is currently paused")
+    await job.user_cancel(force=bool(args.force))
 
 
 @command("block-job-complete", BlockJobDeviceArgs)

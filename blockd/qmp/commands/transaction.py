@@ -280,16 +280,20 @@ class DriveBackupAction(BlockdevBackupAction):
                 self.data = args.model_copy(update={"sync": MirrorSyncMode.FULL})
         elif args.sync.value == "none":
             backing = source
+        from blockd.qmp.commands.mirror import nbd_target_options
+
+        proto = nbd_target_options(args.target) or {"driver": "file", "filename": args.target}
         if not existing:
             assert fmt is not None
-            await _create_image(graph, args.target, fmt, source.length, backing)
+            nbd = proto if proto["driver"] == "nbd" else None
+            await _create_image(graph, args.target, fmt, source.length, backing, nbd)
         if fmt is None:
-            fmt = await probe_format(graph, {"driver": "file", "filename": args.target})
+            fmt = await probe_format(graph, proto)
         opts: dict[str, Any] = {"driver": fmt, "discard": "unmap", "detect-zeroes": "unmap"}
-        if fmt == "file":
-            opts["filename"] = args.target
+        if fmt in ("file", "nbd"):
+            opts.update(proto)
         else:
-            opts["file"] = {"driver": "file", "filename": args.target}
+            opts["file"] = proto
         if args.sync.value == "none" and fmt != "file" and fmt != "raw":
             opts["backing"] = source.node_name
         if driver_class(fmt) is None:
@@ -316,9 +320,16 @@ def _cow_backing(node: BlockNode) -> BlockNode | None:
 
 
 async def _create_image(
-    graph: Any, path: str, fmt: str, size: int, backing: BlockNode | None
+    graph: Any,
+    path: str,
+    fmt: str,
+    size: int,
+    backing: BlockNode | None,
+    proto: dict[str, Any] | None = None,
 ) -> None:
-    """Create the drive-backup target as QEMU's bdrv_img_create would."""
+    """Create the drive-backup/drive-mirror target as QEMU's bdrv_img_create would. *proto*:
+    the protocol options of a target that cannot be created (an NBD export): as in QEMU it
+    must open, and the format is written into it."""
     from blockd.qapi.block import BlockdevCreateOptions, BlockdevOptions
 
     cls = driver_class(fmt)
@@ -326,27 +337,40 @@ async def _create_image(
         raise QmpError(f"Unknown file format '{fmt}'")
     if backing is not None and not cls.supports_backing:
         raise QmpError(f"Backing file not supported for file format '{fmt}'")
-    file_cls = driver_class("file")
-    assert file_cls is not None
     validate = ArgsValidator(BlockdevCreateOptions).validate
-    file_size = size if fmt in ("raw", "file") else 0
-    await file_cls.create(validate({"driver": "file", "filename": path, "size": file_size}), graph)
-    if fmt in ("raw", "file"):
-        return
-    if not cls.can_create:
-        raise QmpError(f"Unknown file format '{fmt}'")
-    create = cls.create
-    file_node = await graph.open_node(
-        ArgsValidator(BlockdevOptions).validate({"driver": "file", "filename": path})
-    )
+    file_node: BlockNode | None = None
+    if proto is not None:
+        try:
+            file_node = await graph.open_node(ArgsValidator(BlockdevOptions).validate(proto))
+        except QmpError as exc:
+            raise QmpError(
+                f"Protocol driver '{proto['driver']}' does not support image creation, and "
+                f"opening the image failed: {exc.desc}"
+            ) from None
+    else:
+        file_cls = driver_class("file")
+        assert file_cls is not None
+        file_size = size if fmt in ("raw", "file") else 0
+        await file_cls.create(
+            validate({"driver": "file", "filename": path, "size": file_size}), graph
+        )
     try:
+        if fmt in ("raw", "file"):
+            return
+        if not cls.can_create:
+            raise QmpError(f"Unknown file format '{fmt}'")
+        if file_node is None:
+            file_node = await graph.open_node(
+                ArgsValidator(BlockdevOptions).validate({"driver": "file", "filename": path})
+            )
         opts: dict[str, Any] = {"driver": fmt, "file": file_node.node_name, "size": size}
         if backing is not None:
             opts["backing-file"] = backing.filename
             opts["backing-fmt"] = backing.drv
-        await create(validate(opts), graph)
+        await cls.create(validate(opts), graph)
     finally:
-        await graph.maybe_free(file_node)
+        if file_node is not None:
+            await graph.maybe_free(file_node)
 
 
 class SnapshotAction(Action):

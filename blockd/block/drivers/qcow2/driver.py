@@ -27,6 +27,7 @@ import asyncio
 import errno
 import logging
 import struct
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -349,6 +350,12 @@ class Qcow2Driver(BlockDriver):
         with none left, the header's name no longer describes the node, as after
         ``backing: null``."""
         self._backing_null = backing is None
+
+    async def open_backing_from_header(self, graph: BlockGraph) -> None:
+        """Open the backing file the header names, for a node opened with ``backing: null``
+        (a drive-mirror target with mode=existing gets its chain at completion)."""
+        self._backing_null = False
+        await self._open_backing(types.SimpleNamespace(model_fields_set=set()), graph)
 
     @property
     def backing_disabled(self) -> bool:
