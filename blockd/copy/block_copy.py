@@ -400,9 +400,18 @@ class BlockCopy:
                 # write's own clusters only; an error there is raised by that one.
 
     async def run(
-        self, offset: int, nbytes: int, *, max_workers: int = DEFAULT_WORKERS, pacer: Pacer
+        self,
+        offset: int,
+        nbytes: int,
+        *,
+        max_workers: int = DEFAULT_WORKERS,
+        pacer: Pacer,
+        one_pass: bool = False,
     ) -> None:
         """Copy everything dirty in the range with up to *max_workers* tasks in flight.
+        With *one_pass*, go through the range once and return even if clusters behind the
+        current position were dirtied again meanwhile (a mirror under a guest that never
+        pauses would otherwise never get out of here).
 
         The pacer is consulted before each task (speed limit, pause point; a cancelled job
         raises from it). After the first failure no new task starts; the call then waits for
@@ -439,7 +448,7 @@ class BlockCopy:
                         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                         reap(done)
                         continue
-                    if self.copy_bitmap.next_dirty(offset, end) >= 0:
+                    if not one_pass and self.copy_bitmap.next_dirty(offset, end) >= 0:
                         pos = offset  # bits given back by a failed copy-before-write
                         continue
                     other = self._overlapping(offset, end)
@@ -466,7 +475,7 @@ class BlockCopy:
                 elif got is True:
                     continue
                 else:
-                    pos = offset
+                    pos = end if one_pass else offset
         except asyncio.CancelledError:
             # The job's task itself was interrupted (shutdown stopped waiting for it): the
             # requests in flight may hang on a server that stopped answering; abandon them.

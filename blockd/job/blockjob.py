@@ -104,14 +104,15 @@ class BlockJob(Job):
         *,
         max_workers: int = DEFAULT_WORKERS,
         on_stop: Callable[[], None] | None = None,
+        one_pass: bool = False,
     ) -> bool:
         """Copy what is dirty in the range under the job's error policy: True when all of it
         was copied; False after a failure the policy lets the job go on from (``ignore``, or
         ``stop`` and then resumed; what failed is dirty again for the next round). Raises
         OSError for ``report``. *on_stop* runs before the job stops (mirror lets the guest
-        go first)."""
+        go first). *one_pass*: see BlockCopy.run."""
         try:
-            await bcs.run(offset, nbytes, max_workers=max_workers, pacer=self)
+            await bcs.run(offset, nbytes, max_workers=max_workers, pacer=self, one_pass=one_pass)
         except BlockCopyError as exc:
             action = self.error_action(exc.is_read, exc.errno)
             if action == "report":

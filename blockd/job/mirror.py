@@ -58,6 +58,8 @@ MAX_IN_FLIGHT = 16
 IDLE_SLEEP = 1.0
 #: At completion, at most this much dirty data is copied while the guest is held.
 FINAL_COPY_MAX = 64 * MiB
+#: Rounds that end with dirty data before the job copies the rest with the guest held.
+HELD_AFTER_ROUNDS = 3
 
 
 def default_granularity(target: BlockNode) -> int:
@@ -397,6 +399,7 @@ class MirrorJob(BlockJob):
             await self._quiesce()
             return
         await self._dirty_init()
+        rounds_dirty = 0
         while True:
             await self.pause_point()
             if self.write_error:
@@ -404,8 +407,23 @@ class MirrorJob(BlockJob):
             if not await self._copy_round(length):
                 continue
             self._update_total()
-            if self.bcs.dirty_bytes() or self.write_error:
+            if self.write_error:
                 continue
+            if self.bcs.dirty_bytes():
+                rounds_dirty += 1
+                # A guest that never pauses can dirty some granule during every round, so
+                # the bitmap is never seen empty (QEMU then never says READY). After a few
+                # such rounds the remainder is copied with the guest held, as at completion.
+                if self.is_ready:
+                    if (self.should_complete or self.cancelled) and await self._finish(length):
+                        return
+                    continue
+                if rounds_dirty < HELD_AFTER_ROUNDS:
+                    continue
+                if not await self._finish(length):
+                    continue
+                self._unquiesce()
+            rounds_dirty = 0
             if not self.is_ready:
                 if not await self._flush_target():
                     continue
@@ -428,7 +446,7 @@ class MirrorJob(BlockJob):
         """Copy until nothing is dirty or in flight; False after a failure whose policy
         says go on (ignore, or stop and then resumed)."""
         done = await self.copy_round(
-            self.bcs, 0, length, max_workers=MAX_IN_FLIGHT, on_stop=self._unquiesce
+            self.bcs, 0, length, max_workers=MAX_IN_FLIGHT, on_stop=self._unquiesce, one_pass=True
         )
         if not done:
             self._unquiesce()
