@@ -154,6 +154,12 @@ class BlockDriver:
     def on_backing_attached(self, backing: BlockNode | None) -> None:
         """A backing node was attached (a snapshot) or dropped by a graph change."""
 
+    def set_write_behind(self, on: bool) -> None:
+        """A job starts (*on*) or stops copying into this node. A protocol that buffers
+        writes (the page cache of ``file``) then starts writing them out at once, so the
+        flush a job ends with has little left: the disk works while the copy goes on instead
+        of after it. Calls nest; the default has nothing to do."""
+
     async def open_backing_from_header(self, graph: BlockGraph) -> None:
         """Open the backing file the image names, for a node opened with ``backing: null``
         (a drive-mirror target with mode=existing gets its chain at completion). Formats

@@ -270,6 +270,24 @@ class BlockNode:
                     return c.node
         return None
 
+    def start_write_behind(self) -> list[BlockDriver]:
+        """Tell every node this one writes its data into (itself, filtered and ``file``
+        children, not backing images) that a job copies into it; returns their drivers, for
+        the job to call ``set_write_behind(False)`` on when it stops, whatever the graph then
+        looks like."""
+        out: list[BlockDriver] = []
+        stack: list[BlockNode] = [self]
+        while stack:
+            node = stack.pop()
+            if any(d is node.driver for d in out):
+                continue
+            node.driver.set_write_behind(True)
+            out.append(node.driver)
+            for name, edge in node.children.items():
+                if name != "backing" or node.driver.is_filter:
+                    stack.append(edge.node)
+        return out
+
     def skip_filters(self) -> BlockNode:
         """The first node at or below this one that is not a filter (bdrv_skip_filters)."""
         node: BlockNode = self

@@ -423,6 +423,7 @@ class BlockCopy:
         tasks: set[asyncio.Task[None]] = set()
         failure: BlockCopyError | None = None
         pos = offset
+        behind = self.target.start_write_behind()
 
         def reap(done: set[asyncio.Task[None]]) -> None:
             nonlocal failure
@@ -486,6 +487,8 @@ class BlockCopy:
             if tasks:
                 done, _ = await asyncio.wait(tasks)
                 reap(done)
+            for drv in behind:
+                drv.set_write_behind(False)
         if failure is not None:
             raise failure
 

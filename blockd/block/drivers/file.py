@@ -26,6 +26,10 @@ from blockd.io.pool import run_blocking
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -95,13 +99,16 @@ def _pread_blocking(fd: int, offset: int, nbytes: int) -> bytes | bytearray:
     return buf
 
 
-def _pwrite_blocking(fd: int, offset: int, data: memoryview, sync: bool) -> None:
+def _pwrite_blocking(fd: int, offset: int, data: memoryview, sync: bool, behind: bool) -> None:
     done = 0
     n = len(data)
     while done < n:
         done += os.pwrite(fd, data[done:], offset + done)
     if sync:
         os.fdatasync(fd)
+    elif behind and _sync_file_range is not None:
+        # Only starts writeback of these pages (a hint: errors change nothing).
+        _sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)
 
 
 def _has_no_hole(fd: int, length: int) -> bool:
@@ -145,6 +152,8 @@ class FileDriver(BlockDriver):
         #: ever errs towards "data" (a hole punched behind our back still reads as zeroes).
         self._dense = False
         self._locking = True
+        #: Jobs copying into this file (see BlockNode.set_write_behind).
+        self._write_behind = 0
         self._held: tuple[Perm, Perm] = (Perm(0), Perm(0))
         #: During a permission update: the state before it, and the state it wants.
         self._before: tuple[Perm, Perm] | None = None
@@ -258,7 +267,11 @@ class FileDriver(BlockDriver):
         return await run_blocking(_pread_blocking, self.fd, offset, nbytes)
 
     async def pwritev(self, offset: int, data: memoryview, flags: WriteFlags) -> None:
-        await run_blocking(_pwrite_blocking, self.fd, offset, data, bool(flags & WriteFlags.FUA))
+        fua = bool(flags & WriteFlags.FUA)
+        await run_blocking(_pwrite_blocking, self.fd, offset, data, fua, self._write_behind > 0)
+
+    def set_write_behind(self, on: bool) -> None:
+        self._write_behind = max(0, self._write_behind + (1 if on else -1))
 
     async def pwrite_zeroes(self, offset: int, nbytes: int, flags: WriteFlags) -> None:
         self._dense = False
