@@ -121,9 +121,9 @@ def test_flush_reaches_the_server_as_fsync(logging_lab: SshLab, tmp_path: Path) 
 def test_truncate_rules(lab: SshLab, tmp_path: Path) -> None:
     """Grows like QEMU (the remote file follows), refuses to shrink below data with QEMU's text
     and preallocation with QEMU's text, but may give back a tail it grew itself and never wrote
-    (what a qcow2 does with its growth reserve at close). No QMP command resizes a node in
-    blockd yet (block_resize), so the graph is driven in a child process with the lab's passwd
-    entry."""
+    (what a qcow2 does with its growth reserve at close). The driver's truncate is driven in a
+    child process with the lab's passwd entry, so that the shrink-below-data and
+    preallocation cases, which block_resize never asks for, are reached too."""
     remote = raw_image(tmp_path / "t.raw", MiB, [(0x21, 0, MiB)])
     child = Path(__file__).resolve().parent / "ssh_truncate_child.py"
     res = subprocess.run(

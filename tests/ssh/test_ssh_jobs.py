@@ -1,4 +1,4 @@
-"""Block jobs onto ssh targets: a backup beside qemu-storage-daemon, and a connection that dies
+"""Block jobs onto ssh targets: a backup and a mirror beside qemu-storage-daemon, and a connection that dies
 in the middle of a backup (the server side killed), which must end the job by its error policy
 within seconds while the daemon keeps serving and keeps no connection."""
 
@@ -37,6 +37,32 @@ def test_backup_onto_ssh_target(lab: SshLab, pair: Pair, tmp_path: Path) -> None
         s.ok("blockdev-del", {"node-name": f"{kind}src"})
         got[kind] = (done.get("error"), done["offset"], compare(src, tgt))
     assert got["blockd"] == got["qsd"] == (None, 24 * MiB, True)
+
+
+def test_mirror_onto_ssh_target(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
+    """blockdev-mirror into a raw node on ssh, completed after READY, on both daemons: the
+    same events' outcome and the remote file equal to the source."""
+    src = raw_image(
+        tmp_path / "msrc.raw", 16 * MiB, [(0x51, MiB, 2 * MiB), (0x52, 9 * MiB + 4096, 3 * MiB)]
+    )
+    got = {}
+    for kind, s in pair.sessions.items():
+        tgt = raw_image(tmp_path / f"{kind}-mtgt.raw", 16 * MiB)
+        s.ok("blockdev-add", raw_node(f"{kind}msrc", src))
+        s.ok("blockdev-add", raw_on_ssh(lab, f"{kind}mtgt", tgt))
+        job = f"{kind}mr"
+        s.ok(
+            "blockdev-mirror",
+            {"job-id": job, "device": f"{kind}msrc", "target": f"{kind}mtgt", "sync": "full"},
+        )
+        s.wait_job(job, "ready")
+        s.ok("block-job-complete", {"device": job})
+        s.wait_job(job, "null")
+        done = completed(s, job)
+        s.ok("blockdev-del", {"node-name": f"{kind}mtgt"})
+        s.ok("blockdev-del", {"node-name": f"{kind}msrc"})
+        got[kind] = (done.get("error"), done["offset"], compare(src, tgt))
+    assert got["blockd"] == got["qsd"] == (None, 16 * MiB, True)
 
 
 def _backup_until_progress(s: Session, job: str, src: str, tgt: str, policy: str) -> None:

@@ -174,6 +174,43 @@ def test_backup_target(pair: Pair, tmp_path: Path) -> None:
         q.run("blockdev-del", {"node-name": "src"})
 
 
+def test_mirror_target(pair: Pair, tmp_path: Path) -> None:
+    """blockdev-mirror into vmdk targets, completed after READY: the images check clean and
+    hold the source's data."""
+    rng = random.Random(5)
+    size = 16 * MiB
+    for side in SIDES:
+        d = tmp_path / side
+        d.mkdir()
+        src = d / "src.raw"
+        with open(src, "wb") as f:
+            f.truncate(size)
+            for off in (0, 3 * MiB + 512, 12 * MiB):
+                f.seek(off)
+                f.write(rng.randbytes(MiB + 777))
+        q = pair.qmp[side]
+        q.run(
+            "blockdev-add",
+            {"driver": "raw", "node-name": "src", "file": {"driver": "file", "filename": str(src)}},
+        )
+        for name, sub in (("m1", "monolithicSparse"), ("m2", "monolithicFlat")):
+            tgt = d / f"{name}.vmdk"
+            qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={sub}", tgt, str(size))
+            q.run("blockdev-add", vmdk_node(name, tgt))
+            q.run(
+                "blockdev-mirror",
+                {"job-id": name, "device": "src", "target": name, "sync": "full"},
+            )
+            q.wait_event("BLOCK_JOB_READY", timeout=60)
+            q.run("block-job-complete", {"device": name})
+            ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+            assert "error" not in ev["data"], (side, ev)
+            q.run("blockdev-del", {"node-name": name})
+            assert check_image(tgt)["rc"] == 0
+            qemu_img("compare", "-f", "raw", "-F", "vmdk", src, tgt)
+        q.run("blockdev-del", {"node-name": "src"})
+
+
 def test_backing_of_qcow2_overlay(pair: Pair, tmp_path: Path) -> None:
     """A qcow2 overlay over a vmdk: with the format given, and probed (no -F)."""
     rng = random.Random(8)
