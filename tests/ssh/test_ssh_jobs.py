@@ -1,6 +1,7 @@
-"""Block jobs onto ssh targets: a backup and a mirror beside qemu-storage-daemon, and a connection that dies
-in the middle of a backup (the server side killed), which must end the job by its error policy
-within seconds while the daemon keeps serving and keeps no connection."""
+"""Block jobs onto ssh targets: a backup and a mirror beside qemu-storage-daemon, and a
+connection that dies in the middle of a backup (the server side killed), which must end the
+job by its error policy within seconds while the daemon keeps serving and keeps no
+connection."""
 
 from __future__ import annotations
 
