@@ -31,8 +31,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_backup import peak_rss_mib
-from benchlib import MiB, Qmp, node, random_image, run, same, start, stop
+from benchlib import (
+    MiB,
+    Qmp,
+    node,
+    peak_rss_mib,
+    random_image,
+    run,
+    same,
+    start,
+    stop,
+    touch_memory,
+)
 
 CASES = ("whole chain", "to base-node")
 
@@ -94,6 +104,7 @@ def run_one(kind: str, d: Path, case: str, reference: Path) -> tuple[float, floa
         q = Qmp(sock)
         for opts in nodes:
             q.cmd("blockdev-add", opts)
+        touch_memory(d)
         t0 = time.perf_counter()
         q.cmd("block-stream", args)
         ev = q.wait_event("BLOCK_JOB_COMPLETED")
