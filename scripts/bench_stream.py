@@ -27,21 +27,16 @@ import json
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
     MiB,
-    Qmp,
     node,
-    peak_rss_mib,
     random_image,
     run,
     same,
-    start,
-    stop,
-    touch_memory,
+    timed_job,
 )
 
 CASES = ("whole chain", "to base-node")
@@ -98,24 +93,7 @@ def run_one(kind: str, d: Path, case: str, reference: Path) -> tuple[float, floa
     nodes, args, overlay, base = chain_args(case, d)
     for f in ("base.qcow2", "b2.qcow2", "m2.qcow2"):
         subprocess.run(["cat", str(d / f)], stdout=subprocess.DEVNULL, check=True)
-    proc, sock = start(kind, d)
-    quit_sent = False
-    try:
-        q = Qmp(sock)
-        for opts in nodes:
-            q.cmd("blockdev-add", opts)
-        touch_memory(d)
-        t0 = time.perf_counter()
-        q.cmd("block-stream", args)
-        ev = q.wait_event("BLOCK_JOB_COMPLETED")
-        elapsed = time.perf_counter() - t0
-        if "error" in ev["data"]:
-            raise RuntimeError(f"{kind}: stream failed: {ev['data']['error']}")
-        rss = peak_rss_mib(proc.pid)
-        q.cmd("quit")
-        quit_sent = True
-    finally:
-        stop(proc, 30 if quit_sent else 0)
+    elapsed, rss = timed_job(kind, d, nodes, lambda q: q.cmd("block-stream", args))
     info = json.loads(run("qemu-img", "info", "--output=json", overlay))
     if info.get("backing-filename", "") != base:
         raise RuntimeError(f"{kind}: {overlay.name} backs onto {info.get('backing-filename')}")

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from imagegen import build_vmdk3
@@ -137,6 +138,22 @@ def _sha(path: Path) -> bytes:
     return hashlib.sha256(path.read_bytes()).digest()
 
 
+def _raw_source(
+    path: Path, size: int, offsets: tuple[int, ...], length: int, rng: random.Random
+) -> Path:
+    """A sparse raw image of *size* with *length* random bytes at each offset."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in offsets:
+            f.seek(off)
+            f.write(rng.randbytes(length))
+    return path
+
+
+def _raw_node(name: str, path: Path) -> dict[str, Any]:
+    return {"driver": "raw", "node-name": name, "file": {"driver": "file", "filename": str(path)}}
+
+
 def test_backup_target(pair: Pair, tmp_path: Path) -> None:
     """blockdev-backup into vmdk targets (monolithicSparse; streamOptimized with compress)."""
     rng = random.Random(4)
@@ -144,17 +161,9 @@ def test_backup_target(pair: Pair, tmp_path: Path) -> None:
     for side in SIDES:
         d = tmp_path / side
         d.mkdir()
-        src = d / "src.raw"
-        with open(src, "wb") as f:
-            f.truncate(size)
-            for off in (0, 5 * MiB + 4096, 20 * MiB):
-                f.seek(off)
-                f.write(rng.randbytes(MiB + 333))
+        src = _raw_source(d / "src.raw", size, (0, 5 * MiB + 4096, 20 * MiB), MiB + 333, rng)
         q = pair.qmp[side]
-        q.run(
-            "blockdev-add",
-            {"driver": "raw", "node-name": "src", "file": {"driver": "file", "filename": str(src)}},
-        )
+        q.run("blockdev-add", _raw_node("src", src))
         for name, sub, extra in (
             ("t1", "monolithicSparse", {}),
             ("t2", "streamOptimized", {"compress": True}),
@@ -182,17 +191,9 @@ def test_mirror_target(pair: Pair, tmp_path: Path) -> None:
     for side in SIDES:
         d = tmp_path / side
         d.mkdir()
-        src = d / "src.raw"
-        with open(src, "wb") as f:
-            f.truncate(size)
-            for off in (0, 3 * MiB + 512, 12 * MiB):
-                f.seek(off)
-                f.write(rng.randbytes(MiB + 777))
+        src = _raw_source(d / "src.raw", size, (0, 3 * MiB + 512, 12 * MiB), MiB + 777, rng)
         q = pair.qmp[side]
-        q.run(
-            "blockdev-add",
-            {"driver": "raw", "node-name": "src", "file": {"driver": "file", "filename": str(src)}},
-        )
+        q.run("blockdev-add", _raw_node("src", src))
         for name, sub in (("m1", "monolithicSparse"), ("m2", "monolithicFlat")):
             tgt = d / f"{name}.vmdk"
             qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={sub}", tgt, str(size))
