@@ -74,12 +74,17 @@ async def run_backup(c: Client, job: str, node: str, img: ImageModel) -> None:
             else:
                 args["sync"] = sync = "full"
         sent = c.tick()
+        if bm is not None and mode != "never":
+            bm.cleared_by_job = (sent, None)
         r = await c.qmp.cmd(kind, args)
         acked = c.tick()
+        if bm is not None and mode != "never":
+            bm.cleared_by_job = (sent, acked)
     if "error" in r:
         c.anomaly(f"{kind} {args}: {r['error']}")
         if bm is not None:
             bm.busy = False
+            bm.cleared_by_job = None
         await _drop_target(c, target_node, path)
         return
     world.targets[path] = True
@@ -109,6 +114,7 @@ async def run_backup(c: Client, job: str, node: str, img: ImageModel) -> None:
     if bm is not None:
         async with world.lock(img):
             bm.busy = False
+            bm.cleared_by_job = None
             bm.history.append(f"{job} {'done' if done else 'failed'} ({ev['event']})")
             if done and mode in ("on-success", "always"):
                 img.clear_bitmap(bm, sent, acked)

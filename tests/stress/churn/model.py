@@ -96,6 +96,9 @@ class BitmapModel:
     since_acked: int
     #: Frozen by a backup or held by an export: no client may touch it meanwhile.
     busy: bool = False
+    #: While a backup that may clear it (bitmap-mode on-success or always) holds it: the
+    #: sent and answered ticks of the backup command (answered None while it is out).
+    cleared_by_job: tuple[int, int | None] | None = None
     #: What happened to it, for the report when it does not match.
     history: list[str] = field(default_factory=list)
 
