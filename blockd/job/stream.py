@@ -40,7 +40,6 @@ from blockd.block.drivers.cor import CopyOnReadDriver
 from blockd.block.node import BlockNode, BlockUser
 from blockd.block.perm import Perm, perm_update
 from blockd.block.snapshot import reopen_read_only
-from blockd.copy.block_copy import BlockCopyError
 from blockd.copy.stream_copy import WORKERS, StreamCopy
 from blockd.errors import QmpError, strerror
 from blockd.job.blockjob import BlockJob
@@ -54,10 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BLOCKER = "block device is in use by block job: stream"
-#: Copied bytes after which the device is flushed in the background: the final flush before
-#: the header names the new backing then has little left to write, so the disk works while
-#: the copy goes on instead of after it.
-WRITEBACK_EVERY = 64 * 1024 * 1024
 #: What the job lets others do with the node it streams into, and with the images it
 #: streams from (QEMU's basic_flags): nobody resizes either, nobody writes the images below.
 _BASIC = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
@@ -106,8 +101,6 @@ class StreamJob(BlockJob):
         self.reopened_rw = False
         self.first_error = 0
         self._cleaned = False
-        self._unflushed = 0
-        self._writeback: asyncio.Task[None] | None = None
 
     @property
     def nothing_to_stream(self) -> bool:
@@ -164,51 +157,18 @@ class StreamJob(BlockJob):
             p.device, p.bottom.cow_backing(), cor.driver.populate, on_ignored=self._ignored
         )
         bcs.copy_bitmap.set_all()
-        bcs.on_progress = self._copied
+        bcs.on_progress = self._progress
         bcs.on_skip = self._progress
         bcs.on_task = self.account  # only copies count against the speed limit
-        while True:
-            try:
-                await bcs.run(0, bcs.len, max_workers=WORKERS, pacer=self)
-                break
-            except BlockCopyError as exc:
-                action = self.error_action(True, exc.errno)
-                if action == "stop":
-                    await self.pause_point()
-                    continue
-                raise OSError(exc.errno, strerror(exc.errno)) from exc
+        # ``ignore`` is applied per range by StreamCopy; a stop resumed retries what is left.
+        while not await self.copy_round(bcs, 0, bcs.len, max_workers=WORKERS):
+            pass
         if self.first_error:
             # QEMU: an error that was ignored still keeps the backing chain as it was.
             raise OSError(self.first_error, strerror(self.first_error))
 
     def _progress(self, nbytes: int) -> None:
         self.progress_current += nbytes
-
-    def _copied(self, nbytes: int) -> None:
-        self.progress_current += nbytes
-        self._unflushed += nbytes
-        if self._unflushed >= WRITEBACK_EVERY and self._writeback is None:
-            self._unflushed = 0
-            self._writeback = asyncio.create_task(self._flush_behind())
-
-    async def _flush_behind(self) -> None:
-        """Write back the data copied so far; a failure here is only logged, the flush
-        before the backing change reports it. The protocol node below a format is flushed
-        directly: a format's own flush writes its metadata under its lock, which would hold
-        up every copy while the disk works."""
-        node = self.plan.device
-        target = node.file if node.file is not None and node.driver.is_format else node
-        try:
-            await target.flush()
-        except OSError as exc:
-            log.warning("stream %s: background flush failed: %s", self.id, exc)
-        finally:
-            self._writeback = None
-
-    async def _writeback_done(self) -> None:
-        task = self._writeback
-        if task is not None:
-            await asyncio.wait({task})
 
     def _ignored(self, err: int) -> bool:
         """``on-error`` for one failed copy: only ``ignore`` goes on past it (the others end
@@ -224,7 +184,6 @@ class StreamJob(BlockJob):
         """Success: drop the filter, then make the base the device's backing, in the graph
         and in the image header (QEMU's stream_prepare)."""
         p = self.plan
-        await self._writeback_done()
         node = p.device.skip_filters()
         had_backing = node.cow_backing() is not None
         self._drop_filter()
@@ -249,7 +208,6 @@ class StreamJob(BlockJob):
         if self._cleaned:
             return
         self._cleaned = True
-        await self._writeback_done()
         self._drop_filter()
         for node in (self.plan.device, *[e.node for e in self.user.edges]):
             node.blockers.pop(self, None)
