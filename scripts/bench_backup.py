@@ -24,26 +24,22 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from benchlib import (  # noqa: F401 - peak_rss_mib, Qmp, start: other scripts import them here
+from benchlib import (
     ROOT,
     GiB,
     MiB,
-    Qmp,
+    header,
     make_target,
     node,
-    peak_rss_mib,
     random_image,
+    report,
     run,
     same,
-    start,
-    stop,
     timed_job,
+    work_dir,
 )
-
-# Helper scripts import Qmp, start, node, make_target, peak_rss_mib and run_one from here.
 
 
 def make_images(
@@ -115,18 +111,13 @@ def main() -> int:
         help="virtual size of the sparse image (its raw target needs that much disk)",
     )
     args = ap.parse_args()
-    d = args.dir or Path(tempfile.mkdtemp(prefix="bench-backup-"))
-    d.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     from blockd.block.driver import driver_class
 
     with_qcow2 = not args.no_qcow2 and driver_class("qcow2") is not None
-    try:
+    with work_dir(args.dir, "bench-backup-", keep=args.keep) as d:
         cases = make_images(d, with_qcow2, args.sparse_gib)
-        print(
-            f"{'case':34} {'blockd s':>9} {'qsd s':>7} {'blockd MiB/s':>13} "
-            f"{'qsd MiB/s':>10} {'ratio':>6} {'blockd RSS':>11} {'qsd RSS':>8}"
-        )
+        header()
         for label, src, fmt, size in cases:
             free = shutil.disk_usage(d).free
             if free < target_needs(fmt, size):
@@ -136,24 +127,9 @@ def main() -> int:
                     flush=True,
                 )
                 continue
-            best: dict[str, float] = {"blockd": float("inf"), "qsd": float("inf")}
-            rss: dict[str, float] = {"blockd": 0.0, "qsd": 0.0}
-            for _ in range(args.rounds):
-                for kind in ("blockd", "qsd"):
-                    t, r = run_one(kind, d, src, fmt, size)
-                    best[kind] = min(best[kind], t)
-                    rss[kind] = max(rss[kind], r)
-            data_mib = 1024  # both cases carry 1 GiB of data
-            b, q = best["blockd"], best["qsd"]
-            print(
-                f"{label:34} {b:9.2f} {q:7.2f} {data_mib / b:13.0f} {data_mib / q:10.0f} "
-                f"{q / b:6.2f} {rss['blockd']:8.0f} MiB {rss['qsd']:4.0f} MiB",
-                flush=True,
-            )
+            # both cases carry 1 GiB of data
+            report(label, args.rounds, lambda k, s=src, f=fmt, n=size: run_one(k, d, s, f, n))
         print("ratio = blockd throughput / QSD throughput (>1: blockd faster)")
-    finally:
-        if not args.keep and args.dir is None:
-            shutil.rmtree(d, ignore_errors=True)
     return 0
 
 

@@ -19,13 +19,10 @@ Usage: ``.venv/bin/python scripts/bench_commit.py [--rounds 3] [--dir DIR]``
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-from bench_mirror import header, report
-from benchlib import GiB, Qmp, node, random_image, run, timed_job
+from benchlib import GiB, Qmp, header, node, random_image, report, run, timed_job, work_dir
 
 
 def _chain(d: Path, active: bool) -> None:
@@ -73,9 +70,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", type=Path)
     args = ap.parse_args()
-    d = args.dir or Path(tempfile.mkdtemp(prefix="bench-commit-"))
-    d.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.dir, "bench-commit-") as d:
         data = d / "data.raw"
         if not data.exists():
             random_image(data, 1024)
@@ -87,9 +82,6 @@ def main() -> int:
         report("active commit 1 GiB", args.rounds, lambda k: run_one(k, d, True))
         print("time: command to BLOCK_JOB_COMPLETED (active: READY, then block-job-complete)")
         print("ratio = QSD time / blockd time (>1: blockd faster)")
-    finally:
-        if args.dir is None:
-            shutil.rmtree(d, ignore_errors=True)
     return 0
 
 

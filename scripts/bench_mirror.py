@@ -14,13 +14,22 @@ Usage: ``.venv/bin/python scripts/bench_mirror.py [--rounds 3] [--dir DIR]``
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-from benchlib import GiB, Qmp, make_target, node, random_image, run, same, timed_job
+from benchlib import (
+    GiB,
+    Qmp,
+    header,
+    make_target,
+    node,
+    random_image,
+    report,
+    run,
+    same,
+    timed_job,
+    work_dir,
+)
 
 
 def run_one(kind: str, d: Path, src: Path, fmt: str, size: int) -> tuple[float, float]:
@@ -41,38 +50,12 @@ def run_one(kind: str, d: Path, src: Path, fmt: str, size: int) -> tuple[float, 
     return elapsed, rss
 
 
-def report(label: str, rounds: int, one: Callable[[str], tuple[float, float]]) -> None:
-    """Alternate the daemons *rounds* times; print the best times, ratio and peak RSS."""
-    best = {"blockd": float("inf"), "qsd": float("inf")}
-    rss = {"blockd": 0.0, "qsd": 0.0}
-    for _ in range(rounds):
-        for kind in ("blockd", "qsd"):
-            t, r = one(kind)
-            best[kind] = min(best[kind], t)
-            rss[kind] = max(rss[kind], r)
-    b, q = best["blockd"], best["qsd"]
-    print(
-        f"{label:34} {b:9.2f} {q:7.2f} {1024 / b:13.0f} {1024 / q:10.0f} "
-        f"{q / b:6.2f} {rss['blockd']:8.0f} MiB {rss['qsd']:4.0f} MiB",
-        flush=True,
-    )
-
-
-def header() -> None:
-    print(
-        f"{'case':34} {'blockd s':>9} {'qsd s':>7} {'blockd MiB/s':>13} "
-        f"{'qsd MiB/s':>10} {'ratio':>6} {'blockd RSS':>11} {'qsd RSS':>8}"
-    )
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", type=Path)
     args = ap.parse_args()
-    d = args.dir or Path(tempfile.mkdtemp(prefix="bench-mirror-"))
-    d.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.dir, "bench-mirror-") as d:
         dense = d / "dense.raw"
         if not dense.exists():
             random_image(dense, 1024)
@@ -85,9 +68,6 @@ def main() -> int:
             report(label, args.rounds, lambda kind, s=src, f=fmt: run_one(kind, d, s, f, GiB))
         print("time: command to BLOCK_JOB_COMPLETED (READY, then block-job-complete)")
         print("ratio = QSD time / blockd time (>1: blockd faster)")
-    finally:
-        if args.dir is None:
-            shutil.rmtree(d, ignore_errors=True)
     return 0
 
 

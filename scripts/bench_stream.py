@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
     MiB,
+    header,
     node,
     random_image,
+    report,
     run,
     same,
     timed_job,
+    work_dir,
 )
 
 CASES = ("whole chain", "to base-node")
@@ -109,35 +110,19 @@ def main() -> int:
     ap.add_argument("--dir", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the images")
     args = ap.parse_args()
-    d = args.dir or Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    d.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.dir, "bench-stream-", keep=args.keep) as d:
         make_images(d)
         refs = {"whole chain": d / "base.qcow2", "to base-node": d / "m2.qcow2"}
         data = {"whole chain": 1024, "to base-node": 512}
-        print(
-            f"{'case':14} {'MiB':>5} {'blockd s':>9} {'qsd s':>7} {'blockd MiB/s':>13} "
-            f"{'qsd MiB/s':>10} {'ratio':>6} {'blockd RSS':>11} {'qsd RSS':>8}"
-        )
+        header()
         for case in CASES:
-            best = {"blockd": float("inf"), "qsd": float("inf")}
-            rss = {"blockd": 0.0, "qsd": 0.0}
-            for _ in range(args.rounds):
-                for kind in ("blockd", "qsd"):
-                    t, r = run_one(kind, d, case, refs[case])
-                    best[kind] = min(best[kind], t)
-                    rss[kind] = max(rss[kind], r)
-            b, q = best["blockd"], best["qsd"]
-            mib = data[case]
-            print(
-                f"{case:14} {mib:5} {b:9.2f} {q:7.2f} {mib / b:13.0f} {mib / q:10.0f} "
-                f"{q / b:6.2f} {rss['blockd']:8.0f} MiB {rss['qsd']:4.0f} MiB",
-                flush=True,
+            report(
+                f"{case}, {data[case]} MiB",
+                args.rounds,
+                lambda kind, c=case: run_one(kind, d, c, refs[c]),
+                mib=data[case],
             )
-        print("ratio = blockd throughput / QSD throughput (>1: blockd faster)")
-    finally:
-        if not args.keep and args.dir is None:
-            shutil.rmtree(d, ignore_errors=True)
+        print("ratio = QSD time / blockd time (>1: blockd faster)")
     return 0
 
 

@@ -7,14 +7,17 @@ The scripts run as ``.venv/bin/python scripts/X.py``, which puts scripts/ on ``s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +268,43 @@ def img_bench(uri: str, *opts: str) -> float:
     if res.returncode != 0 or m is None:
         raise RuntimeError(f"qemu-img bench failed: {res.stdout}{res.stderr}")
     return float(m.group(1))
+
+
+@contextlib.contextmanager
+def work_dir(given: Path | None, prefix: str, keep: bool = False) -> Iterator[Path]:
+    """The benchmark's directory: *given* (kept), or a new temporary one removed at the end
+    unless *keep*."""
+    d = given or Path(tempfile.mkdtemp(prefix=prefix))
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        yield d
+    finally:
+        if given is None and not keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def header() -> None:
+    print(
+        f"{'case':34} {'blockd s':>9} {'qsd s':>7} {'blockd MiB/s':>13} "
+        f"{'qsd MiB/s':>10} {'ratio':>6} {'blockd RSS':>11} {'qsd RSS':>8}"
+    )
+
+
+def report(
+    label: str, rounds: int, one: Callable[[str], tuple[float, float]], mib: int = 1024
+) -> None:
+    """Run *one* for blockd and QSD alternately, *rounds* times; print the best times, the
+    throughput of *mib* MiB, the ratio (QSD time / blockd time) and each one's peak RSS."""
+    best = {"blockd": float("inf"), "qsd": float("inf")}
+    rss = {"blockd": 0.0, "qsd": 0.0}
+    for _ in range(rounds):
+        for kind in ("blockd", "qsd"):
+            t, r = one(kind)
+            best[kind] = min(best[kind], t)
+            rss[kind] = max(rss[kind], r)
+    b, q = best["blockd"], best["qsd"]
+    print(
+        f"{label:34} {b:9.2f} {q:7.2f} {mib / b:13.0f} {mib / q:10.0f} "
+        f"{q / b:6.2f} {rss['blockd']:8.0f} MiB {rss['qsd']:4.0f} MiB",
+        flush=True,
+    )

@@ -18,20 +18,26 @@ from test_ssh_io import raw_on_ssh
 MiB = 1024 * 1024
 
 
-def test_backup_onto_ssh_target(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
+def _copy_onto_ssh(
+    lab: SshLab, pair: Pair, tmp_path: Path, verb: str, read_only_source: bool
+) -> None:
+    """On both daemons, *verb* (blockdev-backup or blockdev-mirror, completed after READY)
+    from a local raw image onto a raw node on ssh: the same outcome, and the remote file equal
+    to the source."""
     src = raw_image(
         tmp_path / "src.raw", 24 * MiB, [(0x31, 0, 3 * MiB), (0x32, 10 * MiB + 512, 5 * MiB)]
     )
     got = {}
     for kind, s in pair.sessions.items():
         tgt = raw_image(tmp_path / f"{kind}-tgt.raw", 24 * MiB)
-        s.ok("blockdev-add", raw_node(f"{kind}src", src, **{"read-only": True}))
+        s.ok("blockdev-add", raw_node(f"{kind}src", src, **{"read-only": read_only_source}))
         s.ok("blockdev-add", raw_on_ssh(lab, f"{kind}tgt", tgt))
-        job = f"{kind}bk"
-        s.ok(
-            "blockdev-backup",
-            {"job-id": job, "device": f"{kind}src", "target": f"{kind}tgt", "sync": "full"},
-        )
+        # the session's event log outlives a test: every job needs an id of its own
+        job = f"{kind}-{verb}"
+        s.ok(verb, {"job-id": job, "device": f"{kind}src", "target": f"{kind}tgt", "sync": "full"})
+        if verb == "blockdev-mirror":
+            s.wait_job(job, "ready")
+            s.ok("block-job-complete", {"device": job})
         s.wait_job(job, "null")
         done = completed(s, job)
         s.ok("blockdev-del", {"node-name": f"{kind}tgt"})
@@ -40,30 +46,12 @@ def test_backup_onto_ssh_target(lab: SshLab, pair: Pair, tmp_path: Path) -> None
     assert got["blockd"] == got["qsd"] == (None, 24 * MiB, True)
 
 
+def test_backup_onto_ssh_target(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
+    _copy_onto_ssh(lab, pair, tmp_path, "blockdev-backup", read_only_source=True)
+
+
 def test_mirror_onto_ssh_target(lab: SshLab, pair: Pair, tmp_path: Path) -> None:
-    """blockdev-mirror into a raw node on ssh, completed after READY, on both daemons: the
-    same events' outcome and the remote file equal to the source."""
-    src = raw_image(
-        tmp_path / "msrc.raw", 16 * MiB, [(0x51, MiB, 2 * MiB), (0x52, 9 * MiB + 4096, 3 * MiB)]
-    )
-    got = {}
-    for kind, s in pair.sessions.items():
-        tgt = raw_image(tmp_path / f"{kind}-mtgt.raw", 16 * MiB)
-        s.ok("blockdev-add", raw_node(f"{kind}msrc", src))
-        s.ok("blockdev-add", raw_on_ssh(lab, f"{kind}mtgt", tgt))
-        job = f"{kind}mr"
-        s.ok(
-            "blockdev-mirror",
-            {"job-id": job, "device": f"{kind}msrc", "target": f"{kind}mtgt", "sync": "full"},
-        )
-        s.wait_job(job, "ready")
-        s.ok("block-job-complete", {"device": job})
-        s.wait_job(job, "null")
-        done = completed(s, job)
-        s.ok("blockdev-del", {"node-name": f"{kind}mtgt"})
-        s.ok("blockdev-del", {"node-name": f"{kind}msrc"})
-        got[kind] = (done.get("error"), done["offset"], compare(src, tgt))
-    assert got["blockd"] == got["qsd"] == (None, 16 * MiB, True)
+    _copy_onto_ssh(lab, pair, tmp_path, "blockdev-mirror", read_only_source=False)
 
 
 def _backup_until_progress(s: Session, job: str, src: str, tgt: str, policy: str) -> None:

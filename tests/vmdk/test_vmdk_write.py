@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,62 +155,71 @@ def _raw_node(name: str, path: Path) -> dict[str, Any]:
     return {"driver": "raw", "node-name": name, "file": {"driver": "file", "filename": str(path)}}
 
 
-def test_backup_target(pair: Pair, tmp_path: Path) -> None:
-    """blockdev-backup into vmdk targets (monolithicSparse; streamOptimized with compress)."""
-    rng = random.Random(4)
+def _copy_into_vmdk_targets(
+    pair: Pair,
+    tmp_path: Path,
+    source: tuple[random.Random, tuple[int, ...], int],
+    targets: tuple[tuple[str, str, dict[str, Any]], ...],
+    job: Callable[[Any, str, dict[str, Any]], None],
+) -> None:
+    """On both daemons: a sparse raw source with *source* = (rng, offsets, length) random
+    data, then for each (node name, subformat, job arguments) target a fresh vmdk that *job*
+    fills from node ``src``; each target then passes ``qemu-img check`` and compares equal
+    to the source."""
+    rng, offsets, length = source
     size = 24 * MiB
     for side in SIDES:
         d = tmp_path / side
         d.mkdir()
-        src = _raw_source(d / "src.raw", size, (0, 5 * MiB + 4096, 20 * MiB), MiB + 333, rng)
+        src = _raw_source(d / "src.raw", size, offsets, length, rng)
         q = pair.qmp[side]
         q.run("blockdev-add", _raw_node("src", src))
-        for name, sub, extra in (
-            ("t1", "monolithicSparse", {}),
-            ("t2", "streamOptimized", {"compress": True}),
-        ):
+        for name, sub, extra in targets:
             tgt = d / f"{name}.vmdk"
             qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={sub}", tgt, str(size))
             q.run("blockdev-add", vmdk_node(name, tgt))
-            q.run(
-                "blockdev-backup",
-                {"job-id": name, "device": "src", "target": name, "sync": "full", **extra},
-            )
+            job(q, name, extra)
             ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
             assert "error" not in ev["data"], (side, ev)
             q.run("blockdev-del", {"node-name": name})
             assert check_image(tgt)["rc"] == 0
             qemu_img("compare", "-f", "raw", "-F", "vmdk", src, tgt)
         q.run("blockdev-del", {"node-name": "src"})
+
+
+def test_backup_target(pair: Pair, tmp_path: Path) -> None:
+    """blockdev-backup into vmdk targets (monolithicSparse; streamOptimized with compress)."""
+
+    def backup(q: Any, name: str, extra: dict[str, Any]) -> None:
+        q.run(
+            "blockdev-backup",
+            {"job-id": name, "device": "src", "target": name, "sync": "full", **extra},
+        )
+
+    _copy_into_vmdk_targets(
+        pair,
+        tmp_path,
+        (random.Random(4), (0, 5 * MiB + 4096, 20 * MiB), MiB + 333),
+        (("t1", "monolithicSparse", {}), ("t2", "streamOptimized", {"compress": True})),
+        backup,
+    )
 
 
 def test_mirror_target(pair: Pair, tmp_path: Path) -> None:
-    """blockdev-mirror into vmdk targets, completed after READY: the images check clean and
-    hold the source's data."""
-    rng = random.Random(5)
-    size = 16 * MiB
-    for side in SIDES:
-        d = tmp_path / side
-        d.mkdir()
-        src = _raw_source(d / "src.raw", size, (0, 3 * MiB + 512, 12 * MiB), MiB + 777, rng)
-        q = pair.qmp[side]
-        q.run("blockdev-add", _raw_node("src", src))
-        for name, sub in (("m1", "monolithicSparse"), ("m2", "monolithicFlat")):
-            tgt = d / f"{name}.vmdk"
-            qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={sub}", tgt, str(size))
-            q.run("blockdev-add", vmdk_node(name, tgt))
-            q.run(
-                "blockdev-mirror",
-                {"job-id": name, "device": "src", "target": name, "sync": "full"},
-            )
-            q.wait_event("BLOCK_JOB_READY", timeout=60)
-            q.run("block-job-complete", {"device": name})
-            ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
-            assert "error" not in ev["data"], (side, ev)
-            q.run("blockdev-del", {"node-name": name})
-            assert check_image(tgt)["rc"] == 0
-            qemu_img("compare", "-f", "raw", "-F", "vmdk", src, tgt)
-        q.run("blockdev-del", {"node-name": "src"})
+    """blockdev-mirror into vmdk targets, completed after READY."""
+
+    def mirror(q: Any, name: str, extra: dict[str, Any]) -> None:
+        q.run("blockdev-mirror", {"job-id": name, "device": "src", "target": name, "sync": "full"})
+        q.wait_event("BLOCK_JOB_READY", timeout=60)
+        q.run("block-job-complete", {"device": name})
+
+    _copy_into_vmdk_targets(
+        pair,
+        tmp_path,
+        (random.Random(5), (0, 3 * MiB + 512, 12 * MiB), MiB + 777),
+        (("m1", "monolithicSparse", {}), ("m2", "monolithicFlat", {})),
+        mirror,
+    )
 
 
 def test_backing_of_qcow2_overlay(pair: Pair, tmp_path: Path) -> None:
