@@ -62,7 +62,7 @@ async def find_backing_image(active: BlockNode, name: str) -> BlockNode | None:
     while cur is not None and cur not in seen:
         seen.append(cur)
         below = cur.cow_backing()
-        header = getattr(cur.driver, "backing_file_name", None)
+        header = cur.driver.backing_file_name
         if below is not None and header and cur.file is not None:
             try:
                 want, have = _full_name(cur.file, name), _full_name(cur.file, header)
@@ -115,7 +115,6 @@ def swap_backing(
         raise QmpError(
             f"Driver '{node.drv}' of node '{node.node_name}' does not support backing files"
         )
-    hook = getattr(node.driver, "on_backing_attached", None)
     with perm_update(upd) as u:
         if old is not None:
             del node.children["backing"]
@@ -130,10 +129,9 @@ def swap_backing(
             graph.attach(node, new, "backing", ChildRole.backing(), update=u)
         if old is not None:
             refresh([old.node], u)
-        if hook is not None:
-            hook(new)
-            prev = old.node if old is not None else None
-            u.undo.append(lambda: hook(prev))
+        node.driver.on_backing_attached(new)
+        prev = old.node if old is not None else None
+        u.undo.append(lambda: node.driver.on_backing_attached(prev))
     return old
 
 

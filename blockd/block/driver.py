@@ -64,6 +64,9 @@ class BlockDriver:
     def __init__(self, node: BlockNode) -> None:
         self.node = node
         self.limits = BlockLimits()
+        #: The backing file name the image records (formats with backing files keep it up to
+        #: date; it stays even while ``backing: null`` hides it from the node).
+        self.backing_file_name: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     @staticmethod

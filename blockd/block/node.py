@@ -486,7 +486,7 @@ class BlockNode:
         self._check_write()
         if nbytes == 0:
             return b""
-        cs = max(getattr(self.driver, "cluster_size", 0) or 0, self.driver.limits.request_alignment)
+        cs = max(self.driver.info_cluster_size() or 0, self.driver.limits.request_alignment)
         start = offset - offset % cs
         end = min(-(-(offset + nbytes) // cs) * cs, self.length)
         out = None if prefetch else bytearray(nbytes)

@@ -117,7 +117,7 @@ def _plan(
         dz,
         bool(cache.get("no-flush", False)),
     )
-    named = node.backing is not None or getattr(node.driver, "backing_file_name", None)
+    named = node.backing is not None or node.driver.backing_file_name
     if node.driver.supports_backing and "backing" not in fields | new.keys() and named:
         raise QmpError(f"backing is missing for '{node.node_name}'")
     if "backing" in fields | new.keys():

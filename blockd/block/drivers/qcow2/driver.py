@@ -125,8 +125,7 @@ class Qcow2Driver(BlockDriver):
         self.refcounts: RefcountManager | None = None
         self.map: ClusterMap | None = None
         self.layout: compress.CompressedLayout | None = None
-        #: Backing file name and format as recorded in the header (for query-named-block-nodes).
-        self.backing_file_name: str | None = None
+        #: Backing format as recorded in the header (its name: BlockDriver.backing_file_name).
         self.backing_format: str | None = None
         self.full_backing_file_name: str | None = None
         #: What the node's backing is expected to be called (QEMU's auto_backing_file): the

@@ -87,7 +87,6 @@ class VmdkDriver(BlockDriver):
         self.cid = 0
         self.parent_cid = 0
         self.cid_checked = False
-        self.backing_file_name: str | None = None
         self.backing_format: str | None = None
         self.full_backing_file_name: str | None = None
         self._backing_null = False
