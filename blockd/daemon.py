@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import io
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -26,6 +28,14 @@ HOOK_TIMEOUT = 5.0
 NODE_CLOSE_TIMEOUT = 10.0
 #: I/O threads still inside a system call (they are daemon threads: exit does not wait).
 POOL_JOIN_TIMEOUT = 2.0
+
+
+def log_stacks() -> None:
+    """Every asyncio task and where it waits (SIGUSR1)."""
+    for task in asyncio.all_tasks():
+        buf = io.StringIO()
+        task.print_stack(limit=12, file=buf)
+        log.warning("%s", buf.getvalue().rstrip())
 
 
 class BlockdevOpenError(Exception):
@@ -73,6 +83,10 @@ class Daemon:
         # bitmaps and removing the socket (qemu-storage-daemon also exits cleanly on it).
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.request_quit)
+        # A daemon that stops answering can be asked where it waits: ``kill -USR1`` logs every
+        # task's coroutine stack and, even with the event loop blocked, every thread's stack.
+        loop.add_signal_handler(signal.SIGUSR1, log_stacks)
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
         # The socket first: a live daemon on the path means we touch nothing, not even the
         # images. Clients that connect meanwhile wait until the --blockdev nodes are open.
         await self.qmp.bind()

@@ -225,9 +225,15 @@ def run_both(
     results: dict[str, Any] = {}
     for kind, d in dirs.items():
         daemon = start(kind, d)
-        s = Session(daemon.sock)
         try:
-            results[kind] = scenario(s, d)
+            with daemon.diagnosed():
+                s = Session(daemon.sock)
+        except BaseException:
+            daemon.stop()
+            raise
+        try:
+            with daemon.diagnosed():
+                results[kind] = scenario(s, d)
         finally:
             s.close()
             daemon.stop()

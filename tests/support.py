@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +78,13 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[Any] | None, timeout: flo
 class Daemon:
     """A daemon process under test with its QMP socket."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], sock: Path, log: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], sock: Path, log: Path, kind: str = "blockd"
+    ) -> None:
         self.proc = proc
         self.sock = sock
         self.log = log
+        self.kind = kind
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -95,6 +98,31 @@ class Daemon:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def diagnose(self) -> str:
+        """Which daemon stopped answering and what it was doing: its scheduler state and
+        kernel wait channel, the machine's load, and for blockd every thread's Python stack
+        (SIGUSR1 makes it write them to its log), then the log's tail."""
+        pid = self.proc.pid
+        out = [f"{self.kind} pid {pid}, returncode {self.proc.poll()}"]
+        for name in ("/proc/loadavg", f"/proc/{pid}/wchan", "/proc/pressure/cpu"):
+            with contextlib.suppress(OSError):
+                out.append(f"{name}: {Path(name).read_text().strip()}")
+        with contextlib.suppress(OSError):
+            out.append(f"state: {Path(f'/proc/{pid}/stat').read_text().split()[2]}")
+        if self.kind == "blockd" and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+        out.append(self.log_text()[-8000:])
+        return "\n".join(out)
+
+    @contextlib.contextmanager
+    def diagnosed(self) -> Iterator[None]:
+        """A timeout inside says which daemon it was and what it was doing."""
+        try:
+            yield
+        except (TimeoutError, EOFError) as exc:
+            raise AssertionError(f"{exc!r} waiting for {self.diagnose()}") from exc
 
 
 def start_blockd(
@@ -143,7 +171,7 @@ def start_qsd(
             cwd=cwd,
         )
     wait_for_socket(sock, proc)
-    return Daemon(proc, sock, log)
+    return Daemon(proc, sock, log, "qsd")
 
 
 class EventLog:

@@ -256,7 +256,7 @@ def test_kill_9_at_random_moments_never_leaves_wrong_bitmaps(tmp_path: Path, img
     written: list[tuple[int, int]] = []
     outcomes = {"stored": 0, "in-use": 0, "absent": 0}
     g = 65536
-    for run in range(16):
+    for run in range(8):
         d = start("blockd", tmp_path)
         s = Session(d.sock)
         s.ok("blockdev-add", qcow2_node("d", img))

@@ -1,9 +1,11 @@
 """Signals end the daemon the way ``quit`` does: SIGHUP (a closed terminal) like SIGTERM, as
-qemu-storage-daemon does; SIGPIPE never ends it."""
+qemu-storage-daemon does; SIGPIPE never ends it; SIGUSR1 only
+writes the stacks to the log."""
 
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -40,5 +42,22 @@ def test_sigpipe_is_ignored(tmp_path: Path) -> None:
         s = Session(d.sock)
         assert s.ok("query-version")["package"].startswith("blockd")
         s.close()
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigusr1_writes_the_stacks_and_changes_nothing(tmp_path: Path) -> None:
+    """What a test that timed out asks a stuck daemon: where every thread is."""
+    d = start_blockd(tmp_path)
+    try:
+        s = Session(d.sock)
+        d.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        assert s.ok("query-version")["package"].startswith("blockd")
+        s.close()
+        log = d.log_text()
+        assert "Current thread" in log or "Thread 0x" in log, log[-2000:]
+        assert "blockd/cli.py" in log, log[-2000:]  # the thread, where the loop runs
+        assert "Stack for <Task" in log and "serve" in log, log[-2000:]  # the tasks
     finally:
         assert d.stop() == 0

@@ -253,9 +253,15 @@ def daemon(tmp: Path, kind: str, *extra: str) -> Iterator[tuple[Daemon, Qmp]]:
         if kind == "blockd"
         else start_qsd(tmp, *extra, name=f"{kind}-qsd")
     )
-    q = Qmp(d.sock)
     try:
-        yield d, q
+        with d.diagnosed():
+            q = Qmp(d.sock)
+    except BaseException:
+        d.stop()
+        raise
+    try:
+        with d.diagnosed():
+            yield d, q
     finally:
         q.close()
         rc = d.stop()

@@ -50,7 +50,7 @@ async def churn(tmp_path: Path, daemon: Daemon, seed: int, seconds: float) -> No
 
 async def test_churn(tmp_path: Path, blockd_factory: Callable[..., Daemon]) -> None:
     daemon = blockd_factory("--log-level", "info")
-    await churn(tmp_path, daemon, seed_from_env(DEFAULT_SEED), 30)
+    await churn(tmp_path, daemon, seed_from_env(DEFAULT_SEED), 20)
 
 
 @pytest.mark.slow

@@ -5,11 +5,11 @@ contents must be the same."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from chainsupport import settled_offset
 from diffsupport import MiB, Session, compare, nbd_write, qcow2_image, qcow2_node
 from jobdiff import add_chain, backing_chain, both, chain, chain_of, events, graph, header
 from support import qemu_img
@@ -239,14 +239,9 @@ def test_commit_refusals_busy_and_cancel(tmp_path: Path) -> None:
             s.cmd("block-job-complete", {"device": "e8"}),
         ]
         # A throttled commit copies its first chunk, then waits: both daemons get there in
-        # their own time, so the progress is read once it stopped moving.
+        # their own time (mid's data, so the first copy, starts at 2 MiB).
+        settled_offset(s, "e8", at_least=2 * MiB + 512 * 1024)
         q = s.ok("query-block-jobs")
-        for _ in range(50):
-            time.sleep(0.1)
-            again = s.ok("query-block-jobs")
-            if again == q and q[0]["offset"] > 0:
-                break
-            q = again
         s.ok("job-cancel", {"id": "e8"})
         s.wait_job("e8", "null")
         # the polling above took as many queries as each daemon needed

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from chainsupport import (
+    FIRST_STOP,
     SIZE,
     add_chain,
     allocation,
@@ -120,7 +121,7 @@ def test_graph_while_streaming_and_manual_finalize(tmp_path: Path) -> None:
                 "auto-dismiss": False,
             },
         )
-        out: dict[str, Any] = {"offset": settled_offset(s, "t0")}
+        out: dict[str, Any] = {"offset": settled_offset(s, "t0", FIRST_STOP["above base"])}
         out["during"] = graph(s, d)
         out["cor"] = node_entry(s, d, "cor")
         out["jobs"] = norm(s.ok("query-block-jobs"), d)
@@ -152,7 +153,7 @@ def test_bottom_base_filename_and_backing_file(tmp_path: Path) -> None:
         add_chain(s, d)
         # A cancelled stream changes nothing that anyone can see.
         s.ok("block-stream", {"job-id": "c0", "device": "top", "speed": 1})
-        settled_offset(s, "c0")
+        settled_offset(s, "c0", FIRST_STOP["whole"])
         s.ok("block-job-cancel", {"device": "c0"})
         s.wait_job("c0", "null")
         out: dict[str, Any] = {"cancelled": headers(d), "graph c": graph(s, d)}
@@ -226,6 +227,7 @@ def test_wrong_arguments_and_busy_nodes(tmp_path: Path) -> None:
         assert graph(s, d) == before
         # A running stream makes its nodes busy for other streams and for blockdev-del.
         s.ok("block-stream", {"job-id": "run", "device": "top", "base-node": "base", "speed": 1})
+        settled_offset(s, "run", FIRST_STOP["above base"])
         for args in ({"device": "top"}, {"device": "mid"}, {"device": "top", "job-id": "run"}):
             r = s.cmd("block-stream", {"job-id": "again", **args})
             out[f"busy {args}"] = r.get("error", r)
