@@ -365,7 +365,7 @@ class RefcountManager:
         for r in rbis:
             await self.io.write_meta(places[r] << cb, bytes(bufs[r]))
         await self.io.sync()
-        for r in rbis:
+        for r in _owners_first(rbis, {r: places[r] >> self.rb_shift for r in rbis}):
             await self.io.write_meta(self.table_offset + r * 8, struct.pack(">Q", places[r] << cb))
             self.table[r] = places[r] << cb
             self.meta_clusters.add(places[r])
@@ -427,3 +427,19 @@ class RefcountManager:
 
     async def flush(self) -> None:
         await self.cache.flush()
+
+
+def _owners_first(rbis: list[int], owner: dict[int, int]) -> list[int]:
+    """The order in which to link new refcount blocks: a block only after the block that
+    counts its own cluster (*owner*), if that is new too. The new blocks sit after the data
+    they were made for, so their counts are usually in the last new block; linked in index
+    order, a kill in between would leave every earlier one referenced with refcount 0.
+    (Places grow with the index, so owners do too: there is no cycle.)"""
+    pending = set(rbis)
+    order: list[int] = []
+    while pending:
+        ready = sorted(r for r in pending if owner[r] == r or owner[r] not in pending)
+        assert ready, "refcount blocks owning each other"
+        order += ready
+        pending.difference_update(ready)
+    return order
