@@ -225,12 +225,7 @@ def run_both(
     results: dict[str, Any] = {}
     for kind, d in dirs.items():
         daemon = start(kind, d)
-        try:
-            with daemon.diagnosed():
-                s = Session(daemon.sock)
-        except BaseException:
-            daemon.stop()
-            raise
+        s = daemon.client(Session)
         try:
             with daemon.diagnosed():
                 results[kind] = scenario(s, d)

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient
 
@@ -75,6 +75,9 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[Any] | None, timeout: flo
     raise AssertionError(f"no socket at {path}")
 
 
+T = TypeVar("T")
+
+
 class Daemon:
     """A daemon process under test with its QMP socket."""
 
@@ -115,6 +118,16 @@ class Daemon:
             time.sleep(1)
         out.append(self.log_text()[-8000:])
         return "\n".join(out)
+
+    def client(self, make: Callable[[Path], T]) -> T:
+        """``make(self.sock)``, a client negotiated with this daemon; a timeout says what the
+        daemon was doing, and a failure stops it."""
+        try:
+            with self.diagnosed():
+                return make(self.sock)
+        except BaseException:
+            self.stop()
+            raise
 
     @contextlib.contextmanager
     def diagnosed(self) -> Iterator[None]:

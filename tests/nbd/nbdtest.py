@@ -253,12 +253,7 @@ def daemon(tmp: Path, kind: str, *extra: str) -> Iterator[tuple[Daemon, Qmp]]:
         if kind == "blockd"
         else start_qsd(tmp, *extra, name=f"{kind}-qsd")
     )
-    try:
-        with d.diagnosed():
-            q = Qmp(d.sock)
-    except BaseException:
-        d.stop()
-        raise
+    q = d.client(Qmp)
     try:
         with d.diagnosed():
             yield d, q
