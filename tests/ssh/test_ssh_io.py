@@ -118,6 +118,38 @@ def test_flush_reaches_the_server_as_fsync(logging_lab: SshLab, tmp_path: Path) 
             assert after > before, (kind, log.read_text()[-2000:])
 
 
+NO_FSYNC = Path(__file__).resolve().parent / "sftp_no_fsync.py"
+
+
+def test_a_server_without_fsync_warns_once_and_flushes_succeed(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """A server that does not offer fsync@openssh.com (OpenSSH's sftp-server with the
+    extension taken out of its VERSION reply): as in QEMU, flushes still succeed, with one
+    warning per node however many flushes come, and the data reaches the remote file."""
+    lab = SshLab(tmp_path_factory.mktemp("nofsync"), sftp=f"{sys.executable} {NO_FSYNC}")
+    try:
+        with started_pair(lab, tmp_path) as pair:
+            for kind, s in pair.sessions.items():
+                remote = raw_image(tmp_path / f"{kind}.raw", MiB)
+                s.ok("blockdev-add", raw_on_ssh(lab, "nf", remote))
+                uri = export(s, kind, tmp_path, "nf")
+                writes = [("write -P 7 0 64k", "flush"), ("write -P 8 64k 64k", "flush")]
+                qemu_io("-f", "raw", *[a for w in writes for c in w for a in ("-c", c)], uri)
+                unexport(s, "nf")
+                s.ok("blockdev-del", {"node-name": "nf"})
+                data = remote.read_bytes()
+                assert data[: 64 * 1024] == b"\x07" * 65536, kind
+                assert data[64 * 1024 : 128 * 1024] == b"\x08" * 65536, kind
+            logs = {kind: d.log_text() for kind, d in pair.daemons.items()}
+    finally:
+        lab.stop()
+    for kind, text in logs.items():
+        warned = [line for line in text.splitlines() if "does not support fsync" in line]
+        assert len(warned) == 1, (kind, text[-2000:])
+        assert "ssh server 127.0.0.1 does not support fsync" in warned[0], (kind, warned)
+
+
 def test_truncate_rules(lab: SshLab, tmp_path: Path) -> None:
     """Grows like QEMU (the remote file follows), refuses to shrink below data with QEMU's text
     and preallocation with QEMU's text, but may give back a tail it grew itself and never wrote
