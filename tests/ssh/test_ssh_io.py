@@ -17,6 +17,8 @@ from sshlab import SshLab
 from sshtest import Pair, started_pair
 from support import qemu_io
 
+from blockd.block.drivers.ssh import session as ssh_session
+
 MiB = 1024 * 1024
 WRITES = [(0x11, 0, 65536), (0x22, 3 * MiB - 512, 1536), (0x33, 5 * MiB + 4096, 2 * MiB + 123)]
 
@@ -118,7 +120,7 @@ def test_flush_reaches_the_server_as_fsync(logging_lab: SshLab, tmp_path: Path) 
             assert after > before, (kind, log.read_text()[-2000:])
 
 
-NO_FSYNC = Path(__file__).resolve().parent / "sftp_no_fsync.py"
+FILTER = Path(__file__).resolve().parent / "sftp_filter.py"
 
 
 def test_a_server_without_fsync_warns_once_and_flushes_succeed(
@@ -127,7 +129,7 @@ def test_a_server_without_fsync_warns_once_and_flushes_succeed(
     """A server that does not offer fsync@openssh.com (OpenSSH's sftp-server with the
     extension taken out of its VERSION reply): as in QEMU, flushes still succeed, with one
     warning per node however many flushes come, and the data reaches the remote file."""
-    lab = SshLab(tmp_path_factory.mktemp("nofsync"), sftp=f"{sys.executable} {NO_FSYNC}")
+    lab = SshLab(tmp_path_factory.mktemp("nofsync"), sftp=f"{sys.executable} {FILTER} --no-fsync")
     try:
         with started_pair(lab, tmp_path) as pair:
             for kind, s in pair.sessions.items():
@@ -148,6 +150,47 @@ def test_a_server_without_fsync_warns_once_and_flushes_succeed(
         warned = [line for line in text.splitlines() if "does not support fsync" in line]
         assert len(warned) == 1, (kind, text[-2000:])
         assert "ssh server 127.0.0.1 does not support fsync" in warned[0], (kind, warned)
+
+
+def test_short_reads_are_continued_and_requests_in_flight_are_bounded(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """A server that answers every read with at most 10,000 bytes (OpenSSH's own limit is
+    261,120): both daemons still read the file exactly. Then a backup's parallel copy tasks
+    read through one blockd connection: more than one request is in flight (the pipelining is
+    real) and never more than the connection's window."""
+    log = tmp_path / "inflight.log"
+    sftp = f"{sys.executable} {FILTER} --cap-read 10000 --log {log}"
+    lab = SshLab(tmp_path_factory.mktemp("shortreads"), sftp=sftp)
+    remote = tmp_path / "r.raw"
+    remote.write_bytes(os.urandom(8 * MiB))
+    try:
+        with started_pair(lab, tmp_path) as pair:
+            for kind, s in pair.sessions.items():
+                s.ok("blockdev-add", raw_on_ssh(lab, "sr", remote, **{"read-only": True}))
+                uri = export(s, kind, tmp_path, "sr", writable=False)
+                res = subprocess.run(
+                    ["qemu-img", "compare", "-f", "raw", "-F", "raw", uri, str(remote)],
+                    capture_output=True,
+                    text=True,
+                )
+                unexport(s, "sr")
+                s.ok("blockdev-del", {"node-name": "sr"})
+                assert res.returncode == 0, (kind, res.stdout, res.stderr)
+            log.write_text("")  # from here on, one new connection: the backup's
+            s = pair.sessions["blockd"]
+            s.ok("blockdev-add", raw_on_ssh(lab, "src", remote, **{"read-only": True}))
+            s.ok("blockdev-add", {"driver": "null-co", "node-name": "sink", "size": 8 * MiB})
+            s.ok(
+                "blockdev-backup",
+                {"job-id": "b", "device": "src", "target": "sink", "sync": "full"},
+            )
+            s.wait_job("b", "null")
+            s.ok("blockdev-del", {"node-name": "src"})
+    finally:
+        lab.stop()
+    most = max(int(line) for line in log.read_text().split())
+    assert 1 < most <= ssh_session.WINDOW, most
 
 
 def test_truncate_rules(lab: SshLab, tmp_path: Path) -> None:
