@@ -261,8 +261,10 @@ class SftpSession:
         attrs = asyncssh.SFTPAttrs(permissions=mode) if mode is not None else asyncssh.SFTPAttrs()
         try:
             # One SFTP request per call: the pieces and the window are ours (see read/write).
-            f = await sftp.open(
-                t.path, pflags, attrs, encoding=None, block_size=DEFAULT_PIECE, max_requests=1
+            f = _direct_writes(
+                await sftp.open(
+                    t.path, pflags, attrs, encoding=None, block_size=DEFAULT_PIECE, max_requests=1
+                )
             )
         except asyncssh.SFTPError as exc:
             raise QmpError(_sftp_text(f"failed to open remote file '{t.path}'", exc)) from None
@@ -338,8 +340,10 @@ class SftpSession:
         """A new handle with other access flags on the same connection, then the old one
         closed: requests in flight keep the handle they started with."""
         try:
-            f = await self.sftp.open(
-                path, pflags, encoding=None, block_size=DEFAULT_PIECE, max_requests=1
+            f = _direct_writes(
+                await self.sftp.open(
+                    path, pflags, encoding=None, block_size=DEFAULT_PIECE, max_requests=1
+                )
             )
         except asyncssh.SFTPError as exc:
             raise QmpError(_sftp_text(f"failed to open remote file '{path}'", exc)) from None
@@ -394,3 +398,12 @@ async def _all(calls: Any) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _direct_writes(f: asyncssh.SFTPClientFile) -> asyncssh.SFTPClientFile:
+    """Writes as one SFTP request each, straight to the handler: the pieces are already cut
+    to the server's limit, and asyncssh's parallel writer around a single request (a task
+    and its bookkeeping per call) cost the write path a share of its CPU. Reads keep it: it
+    continues short reads."""
+    f.write_len = 0
+    return f
