@@ -409,23 +409,19 @@ class MirrorJob(BlockJob):
             self._update_total()
             if self.write_error:
                 continue
-            if self.bcs.dirty_bytes():
-                rounds_dirty += 1
+            synced = False
+            if self.bcs.dirty_bytes() and not self.is_ready:
                 # A guest that never pauses can dirty some granule during every round, so
                 # the bitmap is never seen empty (QEMU then never says READY). After a few
                 # such rounds the remainder is copied with the guest held, as at completion.
-                if self.is_ready:
-                    if (self.should_complete or self.cancelled) and await self._finish(length):
-                        return
-                    continue
-                if rounds_dirty < HELD_AFTER_ROUNDS:
-                    continue
-                if not await self._finish(length):
+                rounds_dirty += 1
+                if rounds_dirty < HELD_AFTER_ROUNDS or not await self._finish(length):
                     continue
                 self._unquiesce()
+                synced = True  # _finish flushed the target while the guest was held
             rounds_dirty = 0
             if not self.is_ready:
-                if not await self._flush_target():
+                if not synced and not await self._flush_target():
                     continue
                 # READY says the target was in sync once (QEMU does not look again after
                 # the flush): what the guest wrote meanwhile is copied as usual. A job

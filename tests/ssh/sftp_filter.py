@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 SERVER = "/usr/lib/openssh/sftp-server"
 FXP_INIT, FXP_VERSION, FXP_READ = 1, 2, 5
@@ -36,7 +37,7 @@ def read_exact(fd: int, n: int) -> bytes:
     return bytes(out)
 
 
-def packets(fd: int):  # type: ignore[no-untyped-def]
+def packets(fd: int) -> Iterator[bytes]:
     try:
         while True:
             (n,) = struct.unpack(">I", read_exact(fd, 4))
