@@ -7,7 +7,8 @@ daemon. Each daemon opens it as raw-on-ssh. ``--via nbd`` (default) exports that
 and ``qemu-img bench`` reads the whole file and writes it again, 1 MiB requests at depth 8;
 ``--via backup`` reads it with a full backup into a null-co node and writes it with a full
 backup from a local raw file (the copy engine's parallel tasks). Rounds alternate which daemon
-goes first so drift of the machine hits both alike. Prints each run with the daemon's CPU time,
+goes first so drift of the machine hits both alike. Prints each run with the daemon's CPU time
+and sshd's (the server side of that run: decryption and the SFTP server),
 the medians, the blockd/QSD ratios and each daemon's peak RSS (VmHWM), then checks the data.
 
 ``--delay-ms D`` puts a relay between the daemons and sshd that holds every chunk for D ms in
@@ -16,7 +17,7 @@ answers in microseconds, which hides the cost of waiting for each request). The 
 separate process, and both daemons go through it.
 
 Usage: scripts/bench_ssh.py [--size-mib 256] [--runs 3] [--via nbd|backup] [--delay-ms D]
-[--dir DIR]
+[--dir DIR] [--modes read,write]
 """
 
 from __future__ import annotations
@@ -89,6 +90,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sshd_seconds(lab: SshLab) -> float:
+    """CPU time of the server side so far: sshd's session processes (decryption and the SFTP
+    server run there). Only one daemon works at a time, so a run's difference is its own."""
+    total = 0.0
+    for pid in lab.session_pids():
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            continue  # a pre-auth child that just exited
+    return total
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -104,6 +117,9 @@ def main() -> int:
     ap.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay (default 0)")
     ap.add_argument("--relay", nargs=3, type=float, help=argparse.SUPPRESS)
     ap.add_argument("--dir", help="work directory (default: a new temporary one)")
+    ap.add_argument(
+        "--modes", default="read,write", help="which passes, comma-separated (default read,write)"
+    )
     args = ap.parse_args()
     if args.relay:
         asyncio.run(relay(int(args.relay[0]), int(args.relay[1]), args.relay[2] / 1000))
@@ -174,21 +190,23 @@ def main() -> int:
         print(f"{what}, {args.size_mib} MiB per run, sshd on 127.0.0.1{delay}")
         results: dict[tuple[str, str], list[float]] = {}
         cpu: dict[tuple[str, str], list[float]] = {}
-        for mode in ("read", "write"):
+        modes = [m for m in ("read", "write") if m in args.modes.split(",")]
+        for mode in modes:
             for run in range(args.runs):
                 for kind in ("blockd", "qsd") if run % 2 == 0 else ("qsd", "blockd"):
-                    c0 = cpu_seconds(procs[kind].pid)
+                    c0, s0 = cpu_seconds(procs[kind].pid), sshd_seconds(lab)
                     mbs = args.size_mib / once(kind, mode)
                     used = cpu_seconds(procs[kind].pid) - c0
+                    server = sshd_seconds(lab) - s0
                     results.setdefault((kind, mode), []).append(mbs)
                     cpu.setdefault((kind, mode), []).append(used)
                     print(
                         f"  {mode:5} run {run + 1} {kind:6} {mbs:8.1f} MiB/s  "
-                        f"daemon CPU {used:5.2f} s",
+                        f"daemon CPU {used:5.2f} s  sshd CPU {server:5.2f} s",
                         flush=True,
                     )
         print()
-        for mode in ("read", "write"):
+        for mode in modes:
             b = statistics.median(results[("blockd", mode)])
             q_ = statistics.median(results[("qsd", mode)])
             print(
