@@ -38,7 +38,7 @@ import xxhash
 from blockd.tools.backup.errors import ToolError
 
 #: Largest single read (mapping) of contiguous data clusters.
-READ_RUN = 8 * 1024 * 1024
+READ_RUN = 2 * 1024 * 1024
 HASH_SIZE = 16
 
 
@@ -204,15 +204,18 @@ def hash_chunks(lm: LayerMap, threads: int = 0) -> dict[int, bytes]:
     unlisted means zero there: that way a base stays comparable with itself after a merge
     wrote a zeroed range as deallocated instead of as a zero cluster."""
     cs = lm.cluster_size
+    last, tail = (lm.size - 1) // cs, lm.size % cs
     out: dict[int, bytes] = {idx: zero_hash(lm.chunk_len(idx)) for idx in lm.zero}
     fd = os.open(lm.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         local = threading.local()
 
         def hash_run(run: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
-            # Read into a buffer each thread keeps: on two cores, two threads copying from the
-            # page cache hashed 1 GiB in 0.11-0.13 s against 0.15 s for a mapping of each run
-            # (whose page faults the threads take in turn).
+            # Read into a buffer each thread keeps (two threads copying runs of 2 MiB from
+            # the page cache hashed 1 GiB in 0.07 s here, against 0.17 s for mappings, whose
+            # page faults the threads take in turn, and 0.08 s for 8 MiB runs, which leave
+            # the caches before they are hashed). Per chunk only a slice and a hash call:
+            # this part holds the GIL, so it is what the second thread waits for.
             start, want = run[0][1], len(run) * cs
             buf: bytearray | None = getattr(local, "buf", None)
             if buf is None or len(buf) < want:
@@ -225,10 +228,15 @@ def hash_chunks(lm: LayerMap, threads: int = 0) -> dict[int, bytes]:
                     break  # the file ends inside the run: zeroes, as QEMU reads
                 got += n
             data[got:] = bytes(want - got)
-            return [
-                (idx, chunk_hash(data[k * cs : k * cs + lm.chunk_len(idx)]))
-                for k, (idx, _host) in enumerate(run)
+            out = [
+                (idx, chunk_hash(data[k : k + cs]))
+                for k, (idx, _host) in zip(range(0, want, cs), run, strict=True)
             ]
+            if tail:  # the disk's last chunk is short, wherever the file holds it
+                for k, (idx, _host) in enumerate(run):
+                    if idx == last:
+                        out[k] = (last, chunk_hash(data[k * cs : k * cs + tail]))
+            return out
 
         def hash_compressed(c: tuple[int, int, int]) -> list[tuple[int, bytes]]:
             idx, host, csize = c
