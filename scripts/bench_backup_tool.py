@@ -150,34 +150,60 @@ def main() -> int:
     ap.add_argument("--disk-gib", type=int, default=16)
     ap.add_argument("--dir", type=Path)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument(
+        "--tool-daemon",
+        choices=("qsd", "blockd"),
+        default="qsd",
+        help="the daemon the tool backs up from (default qsd, the same as the hand-written "
+        "sequence; blockd: what a user who moves to blockd and the tool gets, against the "
+        "script on qemu-storage-daemon, each daemon serving its own copy of the disk)",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-bbt-", dir=args.dir))
     size = args.disk_gib * GiB
     disk = work / "disk0.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", disk, str(size))
     proc, sock = start("qsd", work)
+    procs = [proc]
+    tool_sock = sock
+    nbds = [work / "nbd.sock"]
     rows = []
     try:
         q = Qmp(sock)
         q.cmd("blockdev-add", node("disk0", disk, "qcow2"))
-        export_nbd(q, "disk0", work / "nbd.sock")
+        export_nbd(q, "disk0", nbds[0])
         q.close()
         # the data the disk holds before the measured rounds, then both chains start
-        asyncio.run(write_changes(work / "nbd.sock", 2 * GiB, 4 * MiB, size, seed=0))
+        asyncio.run(write_changes(nbds[0], 2 * GiB, 4 * MiB, size, seed=0))
+        if args.tool_daemon == "blockd":
+            # blockd serves its own copy, and every round's writes go to both disks
+            own = work / "disk0-blockd.qcow2"
+            run("cp", "--sparse=always", disk, own)
+            proc, tool_sock = start("blockd", work)
+            procs.append(proc)
+            q = Qmp(tool_sock)
+            q.cmd("blockdev-add", node("disk0", own, "qcow2"))
+            nbds.append(work / "nbd-blockd.sock")
+            export_nbd(q, "disk0", nbds[1])
+            q.close()
         backups = work / "backups"
         # untimed: the tool's full backup; the hand chain's base and bitmap at the same moment
-        run(TOOL, "backup", "--socket", sock, "--node", "disk0", "--dir", backups)
+        run(TOOL, "backup", "--socket", tool_sock, "--node", "disk0", "--dir", backups)
         q = Qmp(sock)
         q.cmd("block-dirty-bitmap-add", {"node": "disk0", "name": "hand", "persistent": True})
         q.close()
-        shutil.copy(next(backups.glob("chain-*/disk0.0001.qcow2")), work / "hand-0.qcow2")
+        if args.tool_daemon == "blockd":
+            # the script's chain needs only a base of the right size: its incrementals copy whole
+            # clusters and never read the backing file
+            run("qemu-img", "create", "-q", "-f", "qcow2", work / "hand-0.qcow2", str(size))
+        else:
+            shutil.copy(next(backups.glob("chain-*/disk0.0001.qcow2")), work / "hand-0.qcow2")
         for n in range(1, args.rounds + 1):
             t = time.perf_counter()
-            asyncio.run(
-                write_changes(
-                    work / "nbd.sock", args.changed_mib * MiB, args.extent_kib * KiB, size, n
+            for nbd in nbds:
+                asyncio.run(
+                    write_changes(nbd, args.changed_mib * MiB, args.extent_kib * KiB, size, n)
                 )
-            )
             print(f"round {n}: wrote {args.changed_mib} MiB in {time.perf_counter() - t:.1f} s")
             order = ["tool", "hand"] if n % 2 else ["hand", "tool"]
             row: dict[str, float] = {}
@@ -186,7 +212,7 @@ def main() -> int:
                 touch_memory(work)
                 os.sync()
                 if who == "tool":
-                    row["tool"], row["tool-copy"], line = tool_backup(sock, backups)
+                    row["tool"], row["tool-copy"], line = tool_backup(tool_sock, backups)
                     print(f"  tool {row['tool']:6.2f} s, copy {row['tool-copy']:5.2f} s ({line})")
                 else:
                     row["hand"], row["hand-copy"] = hand_incremental(
@@ -199,7 +225,8 @@ def main() -> int:
                 f"added around the copy {100 * added(row):+.1f} %"
             )
     finally:
-        stop(proc)
+        for p in procs:
+            stop(p)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     med = statistics.median
@@ -208,7 +235,8 @@ def main() -> int:
         f"hand {med(r['hand'] for r in rows):.2f} s; wall clock "
         f"{100 * med(r['tool'] / r['hand'] - 1 for r in rows):+.1f} %, added around the copy "
         f"{100 * med(added(r) for r in rows):+.1f} % "
-        f"({args.changed_mib} MiB changed in {args.disk_gib} GiB, {args.extent_kib} KiB extents)"
+        f"({args.changed_mib} MiB changed in {args.disk_gib} GiB, {args.extent_kib} KiB extents; "
+        f"tool on {args.tool_daemon}, hand-written sequence on qsd)"
     )
     return 0
 
