@@ -27,25 +27,10 @@ from pathlib import Path
 
 import asyncssh
 import uvloop
-from benchlib import ROOT, MiB
+from benchlib import ROOT, MiB, cpu_seconds_of
 
 sys.path.insert(0, str(ROOT / "tests" / "ssh"))
 from sshlab import SshLab
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def server_seconds(lab: SshLab) -> float:
-    total = 0.0
-    for pid in lab.session_pids():
-        try:
-            total += cpu_seconds(pid)
-        except OSError:
-            continue
-    return total
 
 
 async def one_round(lab: SshLab, size: int, depth: int) -> tuple[float, float, float]:
@@ -77,7 +62,7 @@ async def one_round(lab: SshLab, size: int, depth: int) -> tuple[float, float, f
             finally:
                 window.release()
 
-        s0, c0, t0 = server_seconds(lab), time.process_time(), time.monotonic()
+        s0, c0, t0 = cpu_seconds_of(lab.session_pids()), time.process_time(), time.monotonic()
         tasks = []
         for offset in range(0, size, piece):
             await window.acquire()
@@ -85,7 +70,7 @@ async def one_round(lab: SshLab, size: int, depth: int) -> tuple[float, float, f
         await asyncio.gather(*tasks)
         await f.fsync()
         wall, cpu = time.monotonic() - t0, time.process_time() - c0
-        server = server_seconds(lab) - s0
+        server = cpu_seconds_of(lab.session_pids()) - s0
         await f.close()
     finally:
         conn.close()

@@ -37,9 +37,12 @@ from benchlib import (
     ROOT,
     MiB,
     Qmp,
+    cpu_seconds,
+    cpu_seconds_of,
     export_nbd,
     img_bench,
     node,
+    peak_rss_mib,
     random_image,
     same,
     start,
@@ -82,31 +85,6 @@ async def relay(listen: int, target: int, delay: float) -> None:
 
     server = await asyncio.start_server(serve, "127.0.0.1", listen)
     await server.serve_forever()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process *pid* so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def sshd_seconds(lab: SshLab) -> float:
-    """CPU time of the server side so far: sshd's session processes (decryption and the SFTP
-    server run there). Only one daemon works at a time, so a run's difference is its own."""
-    total = 0.0
-    for pid in lab.session_pids():
-        try:
-            total += cpu_seconds(pid)
-        except OSError:
-            continue  # a pre-auth child that just exited
-    return total
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main() -> int:
@@ -194,10 +172,10 @@ def main() -> int:
         for mode in modes:
             for run in range(args.runs):
                 for kind in ("blockd", "qsd") if run % 2 == 0 else ("qsd", "blockd"):
-                    c0, s0 = cpu_seconds(procs[kind].pid), sshd_seconds(lab)
+                    c0, s0 = cpu_seconds(procs[kind].pid), cpu_seconds_of(lab.session_pids())
                     mbs = args.size_mib / once(kind, mode)
                     used = cpu_seconds(procs[kind].pid) - c0
-                    server = sshd_seconds(lab) - s0
+                    server = cpu_seconds_of(lab.session_pids()) - s0
                     results.setdefault((kind, mode), []).append(mbs)
                     cpu.setdefault((kind, mode), []).append(used)
                     print(
