@@ -45,7 +45,5 @@ def test_chunk_hashes_match_the_guest_view(tmp_path: Path, last_first: bool) -> 
     run("qemu-img", "convert", "-O", "raw", layer, raw)
     guest = raw.read_bytes()
     assert len(guest) == SIZE
-    want = {
-        i: xxhash.xxh3_128_digest(guest[i * CS : min((i + 1) * CS, SIZE)]) for i in (0, 1, 3)
-    }
+    want = {i: xxhash.xxh3_128_digest(guest[i * CS : min((i + 1) * CS, SIZE)]) for i in (0, 1, 3)}
     assert hash_chunks(lm) == want
