@@ -230,15 +230,15 @@ def hash_chunks(lm: LayerMap, threads: int = 0) -> dict[int, bytes]:
                     break  # the file ends inside the run: zeroes, as QEMU reads
                 got += n
             data[got:] = bytes(want - got)
-            out = [
+            hashed = [
                 (idx, chunk_hash(data[k : k + cs]))
                 for k, (idx, _host) in zip(range(0, want, cs), run, strict=True)
             ]
             if tail:  # the disk's last chunk is short, wherever the file holds it
                 for k, (idx, _host) in enumerate(run):
                     if idx == last:
-                        out[k] = (last, chunk_hash(data[k * cs : k * cs + tail]))
-            return out
+                        hashed[k] = (last, chunk_hash(data[k * cs : k * cs + tail]))
+            return hashed
 
         def hash_compressed(c: tuple[int, int, int]) -> list[tuple[int, bytes]]:
             idx, host, csize = c
