@@ -420,44 +420,38 @@ class Run:
             for node in self.disks
         }
 
+    @staticmethod
+    def _hash_layer(path: Path, size: int) -> digest.Sums:
+        """The sums of the layer just written (in a worker thread: it reads the whole layer)."""
+        lm = read_map(path)
+        if lm.size != size:
+            raise ToolError(f"{path} has size {lm.size}, the disk {size}")
+        return digest.Sums.from_chunks(lm, hash_chunks(lm))
+
     async def _record(self) -> Point:
         """Hash the new layers, write the manifest, then take the point number."""
         p = self.plan
         disks: dict[str, DiskPoint] = {}
         self.timings["hash"] = 0.0
-        # Time after the copy is what the tool adds to a backup: the earlier layers' sums are
-        # read while the new layers are hashed, and each layer's fsync (QEMU flushed it when
-        # it closed the node, so this finds little to do) runs beside its hash.
-        earlier = asyncio.ensure_future(asyncio.to_thread(self._earlier_sums))
-        try:
-            for node, disk in self.disks.items():
-                path = self.chain_dir / layer_name(node, p.point)
-                t0 = time.monotonic()
-                synced = asyncio.ensure_future(asyncio.to_thread(fsync_file, path))
-                try:
-                    lm = await asyncio.to_thread(read_map, path)
-                    if lm.size != disk.size:
-                        raise ToolError(f"{path} has size {lm.size}, the disk {disk.size}")
-                    chunks = await asyncio.to_thread(hash_chunks, lm)
-                finally:
-                    await asyncio.gather(synced, return_exceptions=True)
-                synced.result()
-                self.timings["hash"] += round(time.monotonic() - t0, 3)
-                sums = digest.Sums.from_chunks(lm, chunks)
-                spath = self.chain_dir / sums_name(node, p.point)
-                await asyncio.to_thread(digest.write_sums, spath, sums)
-                layers = [*(await earlier)[node], sums]
-                disks[node] = DiskPoint(
-                    layer=path.name,
-                    sums=spath.name,
-                    size=disk.size,
-                    copied=self.copied.get(node, 0),
-                    stored=path.stat().st_size,
-                    digest=digest.point_digest(layers),
-                    bitmap=p.bitmap,
-                )
-        finally:
-            await asyncio.gather(earlier, return_exceptions=True)
+        earlier = await asyncio.to_thread(self._earlier_sums)
+        for node, disk in self.disks.items():
+            path = self.chain_dir / layer_name(node, p.point)
+            t0 = time.monotonic()
+            sums = await asyncio.to_thread(self._hash_layer, path, disk.size)
+            self.timings["hash"] += round(time.monotonic() - t0, 3)
+            spath = self.chain_dir / sums_name(node, p.point)
+            await asyncio.to_thread(digest.write_sums, spath, sums)
+            # (QEMU flushed the layer when it closed the node: this finds little left to do)
+            await asyncio.to_thread(fsync_file, path)
+            disks[node] = DiskPoint(
+                layer=path.name,
+                sums=spath.name,
+                size=disk.size,
+                copied=self.copied.get(node, 0),
+                stored=path.stat().st_size,
+                digest=digest.point_digest([*earlier[node], sums]),
+                bitmap=p.bitmap,
+            )
         fsync_dir(self.chain_dir)
         point = Point(
             point=p.point,
