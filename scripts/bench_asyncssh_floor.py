@@ -21,13 +21,11 @@ import asyncio
 import os
 import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import asyncssh
 import uvloop
-from benchlib import ROOT, MiB, cpu_seconds_of
+from benchlib import ROOT, MiB, cpu_seconds_of, work_dir
 
 sys.path.insert(0, str(ROOT / "tests" / "ssh"))
 from sshlab import SshLab
@@ -88,20 +86,19 @@ def main() -> int:
     if shutil.which("sshd") is None:
         print("bench_asyncssh_floor: needs OpenSSH's sshd", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="bench-asyncssh-"))
-    lab = SshLab(work / "lab")
-    try:
-        print(f"bare asyncssh {asyncssh.__version__} on uvloop, SFTP writes to sshd on 127.0.0.1")
-        for r in range(args.rounds):
-            mbs, client, server = uvloop.run(one_round(lab, args.size_mib * MiB, args.depth))
-            print(
-                f"  round {r + 1}: {mbs:6.1f} MiB/s  client CPU {client:4.2f} s/GiB  "
-                f"sshd CPU {server:4.2f} s/GiB",
-                flush=True,
-            )
-    finally:
-        lab.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    with work_dir(None, "bench-asyncssh-") as work:
+        lab = SshLab(work / "lab")
+        try:
+            print(f"bare asyncssh {asyncssh.__version__} on uvloop, SFTP writes to 127.0.0.1")
+            for r in range(args.rounds):
+                mbs, client, server = uvloop.run(one_round(lab, args.size_mib * MiB, args.depth))
+                print(
+                    f"  round {r + 1}: {mbs:6.1f} MiB/s  client CPU {client:4.2f} s/GiB  "
+                    f"sshd CPU {server:4.2f} s/GiB",
+                    flush=True,
+                )
+        finally:
+            lab.stop()
     return 0
 
 

@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import GiB, Qmp, export_nbd, node, run, start, stop, touch_memory
+from benchlib import GiB, Qmp, export_nbd, node, run, start, stop, touch_memory, work_dir
 
 
 def main() -> int:
@@ -36,20 +34,34 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--changed-mib", type=int, default=1024)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-datapath-"))
+    with work_dir(None, "bench-datapath-") as work:
+        times = measure(work, args.rounds, args.changed_mib)
+    f, d = statistics.median(times["file"]), statistics.median(times["nbd"])
+    print(
+        f"median copy of {args.changed_mib} MiB: local file {f:.2f} s, through a Python NBD "
+        f"server {d:.2f} s ({100 * (d / f - 1):+.0f} %)"
+    )
+    return 0
+
+
+def measure(work: Path, rounds: int, changed_mib: int) -> dict[str, list[float]]:
+    """Seconds of each copy, by where the target's file is: "file" or "nbd"."""
     size = 16 * GiB
     run("qemu-img", "create", "-q", "-f", "qcow2", work / "disk.qcow2", str(size))
     run("qemu-img", "create", "-q", "-f", "qcow2", work / "base.qcow2", str(size))
-    qproc, qsock = start("qsd", work)
-    bproc, bsock = start("blockd", work)
-    q, b = Qmp(qsock), Qmp(bsock)
     times: dict[str, list[float]] = {"file": [], "nbd": []}
+    procs = []
     try:
+        qproc, qsock = start("qsd", work)
+        procs.append(qproc)
+        bproc, bsock = start("blockd", work)
+        procs.append(bproc)
+        q, b = Qmp(qsock), Qmp(bsock)
         q.cmd("blockdev-add", node("disk0", work / "disk.qcow2", "qcow2"))
         q.cmd("block-dirty-bitmap-add", {"node": "disk0", "name": "b0"})
         uri = export_nbd(q, "disk0", work / "disk.nbd")
         rng = random.Random(1)
-        extents = rng.sample(range(size // (1 << 20)), args.changed_mib)
+        extents = rng.sample(range(size // (1 << 20)), changed_mib)
         writes = "\n".join(f"write -P {i % 250} {o}M 1M" for i, o in enumerate(extents))
         subprocess.run(
             ["qemu-io", "-f", "raw", uri],
@@ -60,7 +72,7 @@ def main() -> int:
         srv = work / "srv.sock"
         b.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(srv)}}})
         n = 0
-        for r in range(args.rounds):
+        for r in range(rounds):
             for via in ("file", "nbd") if r % 2 == 0 else ("nbd", "file"):
                 n += 1
                 t = work / f"t{n}.qcow2"
@@ -116,17 +128,9 @@ def main() -> int:
                 print(f"  round {r + 1}: target file {via:4}  copy {took:5.2f} s", flush=True)
                 t.unlink()
     finally:
-        q.close()
-        b.close()
-        stop(qproc)
-        stop(bproc)
-        shutil.rmtree(work, ignore_errors=True)
-    f, d = statistics.median(times["file"]), statistics.median(times["nbd"])
-    print(
-        f"median copy of {args.changed_mib} MiB: local file {f:.2f} s, through a Python NBD "
-        f"server {d:.2f} s ({100 * (d / f - 1):+.0f} %)"
-    )
-    return 0
+        for proc in procs:
+            stop(proc)
+    return times
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ def main() -> int:
         "--modes", default="read,write", help="which passes, comma-separated (default read,write)"
     )
     args = ap.parse_args()
+    modes = [m for m in ("read", "write") if m in args.modes.split(",")]
+    if not modes or set(args.modes.split(",")) - set(modes):
+        ap.error(f"--modes: read, write or both, not {args.modes!r}")
     if args.relay:
         asyncio.run(relay(int(args.relay[0]), int(args.relay[1]), args.relay[2] / 1000))
         return 0
@@ -168,7 +171,6 @@ def main() -> int:
         print(f"{what}, {args.size_mib} MiB per run, sshd on 127.0.0.1{delay}")
         results: dict[tuple[str, str], list[float]] = {}
         cpu: dict[tuple[str, str], list[float]] = {}
-        modes = [m for m in ("read", "write") if m in args.modes.split(",")]
         for mode in modes:
             for run in range(args.runs):
                 for kind in ("blockd", "qsd") if run % 2 == 0 else ("qsd", "blockd"):
